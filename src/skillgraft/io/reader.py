@@ -1,0 +1,158 @@
+"""Lazy, per-tensor reading of Hugging Face checkpoint directories.
+
+Supports a single ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
+and ``pytorch_model*.bin`` (loaded with ``weights_only=True, mmap=True``, never a full unpickle).
+Only names, shapes and dtypes are read up front; a tensor's bytes are read when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import SkillgraftError
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _weight_files(root: Path) -> tuple[str, list[Path]]:
+    """('safetensors' | 'bin', files) for a checkpoint directory, preferring safetensors."""
+    for kind, index_name, single in (
+        ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+        ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = root / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise SkillgraftError(f"{index}: not a valid weight index ({e})") from None
+            files = sorted({root / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SkillgraftError(f"{index} names shard {missing[0]} which is missing in {root}")
+            return kind, files
+        if (root / single).is_file():
+            return kind, [root / single]
+    loose = sorted(root.glob("*.safetensors"))
+    if loose:
+        return "safetensors", loose
+    raise SkillgraftError(f"no weights in {root}: expected model.safetensors, a sharded index, or pytorch_model.bin")
+
+
+class CheckpointReader:
+    """Read one tensor at a time from a checkpoint directory; knows every name, shape and dtype."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SkillgraftError(f"checkpoint directory not found: {self.root}")
+        self.config: dict[str, Any] = self._read_config()
+        self.format, files = _weight_files(self.root)
+        self._where: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        self._handles: dict[Path, Any] = {}
+        for f in files:
+            if self.format == "safetensors":
+                self._scan_safetensors(f)
+            else:
+                self._scan_bin(f)
+        if not self._where:
+            raise SkillgraftError(f"{self.root}: the weight files hold no tensors")
+
+    def _read_config(self) -> dict[str, Any]:
+        path = self.root / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise SkillgraftError(f"{path}: not valid JSON ({e})") from None
+
+    def _scan_safetensors(self, f: Path) -> None:
+        try:
+            h = safe_open(str(f), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise SkillgraftError(f"{f}: not a readable safetensors file ({e})") from None
+        self._handles[f] = h
+        for name in h.keys():
+            sl = h.get_slice(name)
+            self._where[name] = f
+            self._shape[name] = tuple(sl.get_shape())
+            self._dtype[name] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+
+    def _scan_bin(self, f: Path) -> None:
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # an unsafe or corrupt pickle: refuse, never fall back to full unpickling
+            raise SkillgraftError(f"{f}: cannot be read safely with weights_only=True ({e})") from None
+        if not isinstance(state, dict):
+            raise SkillgraftError(f"{f}: expected a state dict of tensors")
+        self._handles[f] = state
+        for name, t in state.items():
+            if isinstance(t, torch.Tensor):
+                self._where[name] = f
+                self._shape[name] = tuple(t.shape)
+                self._dtype[name] = t.dtype
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtype[name]
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for s in self._shape[name]:
+            n *= s
+        return n * self._dtype[name].itemsize
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, on the CPU, in its stored dtype."""
+        h = self._handles[self._where[name]]
+        if self.format == "safetensors":
+            return h.get_tensor(name)
+        return h[name]
+
+    def get_rows(self, name: str, rows: int | None) -> torch.Tensor:
+        """The first ``rows`` rows of ``name`` (all of it when ``rows`` is None), read lazily."""
+        if rows is None or rows >= self._shape[name][0]:
+            return self.get(name)
+        h = self._handles[self._where[name]]
+        if self.format == "safetensors":
+            return h.get_slice(name)[:rows]
+        return h[name][:rows]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

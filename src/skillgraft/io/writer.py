@@ -1,0 +1,153 @@
+"""A streaming safetensors writer: tensors go to disk as they are computed, shard by shard.
+
+Because the merge plan knows every output name, shape and dtype before any weight is read, each
+shard's safetensors header can be written first and each tensor's bytes appended as it arrives.
+Peak memory is one tensor, not one shard (the ``safetensors`` library can only save a whole dict).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from ..errors import SkillgraftError
+
+_ST_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or a plain integer."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise SkillgraftError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    if value < 1:
+        raise SkillgraftError(f"shard size must be positive, got {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one output tensor, known before it is computed."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+def _shard_header(specs: list[TensorSpec]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": _ST_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Write ``specs`` in order into safetensors shards of at most ``max_shard_bytes`` each.
+
+    ``write`` must be called once per spec, in the order given. Files are named as
+    ``save_pretrained`` names them; an index is written when there is more than one shard.
+    """
+
+    def __init__(self, out_dir: Path, specs: list[TensorSpec], max_shard_bytes: int):
+        unsupported = [s for s in specs if s.dtype not in _ST_NAMES]
+        if unsupported:
+            raise SkillgraftError(f"cannot write tensor {unsupported[0].name} of dtype {unsupported[0].dtype}")
+        self.out_dir = Path(out_dir)
+        self.shards: list[list[TensorSpec]] = []
+        size = 0
+        for s in specs:
+            if not self.shards or (size + s.nbytes > max_shard_bytes and self.shards[-1]):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(s)
+            size += s.nbytes
+        n = len(self.shards)
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
+        self._next = 0
+        self._fh: BinaryIO | None = None
+        self._open_shard = -1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for _, s in self._order)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise RuntimeError(f"writer got an extra tensor {name}")
+        shard, spec = self._order[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"writer expected {spec.name} {spec.shape} {spec.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if shard != self._open_shard:
+            self._close_shard()
+            self._fh = open(self.out_dir / self.files[shard], "wb")
+            self._fh.write(_shard_header(self.shards[shard]))
+            self._open_shard = shard
+        assert self._fh is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def _close_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def finish(self) -> list[str]:
+        """Close the last shard, write the index if sharded; the list of files written."""
+        self._close_shard()
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise RuntimeError(f"writer finished early: {missing} and {len(self._order) - self._next - 1} more not written")
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {s.name: self.files[i] for i, s in self._order},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            return [*self.files, "model.safetensors.index.json"]
+        return list(self.files)
+
+    def abort(self) -> None:
+        self._close_shard()

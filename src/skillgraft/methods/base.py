@@ -1,0 +1,144 @@
+"""What a merge method is: a pure function on tensors plus its parameters, described as data.
+
+Two kinds, both pure (no I/O, no global state, inputs never modified; randomness only from the
+``generator`` passed in):
+
+- ``delta`` methods combine task vectors. ``fn(deltas, weights, densities, *, generator, **params)``
+  gets float32 deltas ``tau_k = theta_k - theta_B`` of one tensor, their weights (lambda_k) and
+  densities, and returns the combined delta ``M({(tau_k, p_k)})``. The engine adds it to ``theta_V``
+  (inject mode: only expert deltas are passed) or to ``theta_B`` (symmetric mode: the VLM's delta
+  is the first entry).
+- ``interp`` methods need no base. ``fn(tensors, weights, *, generator, **params)`` gets the VLM's
+  tensor first, then the experts', with their weights (the VLM's weight first), and returns the
+  merged tensor.
+
+Before reading any weight, the engine calls ``method.check(densities, params)`` once with the
+densities of all entries it will pass (VLM first in symmetric mode): it raises ``ValueError`` for a
+combination the method cannot run (too few task vectors, DELLA's epsilon out of range, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Tensor = torch.Tensor
+DeltaFn = Callable[..., Tensor]
+Validator = Callable[[Sequence[float], dict[str, Any]], None]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its default and what it means (named as in the method's paper).
+
+    ``choices``, when given, lists the accepted values (checked by ``Method.resolve_params``).
+    """
+
+    name: str
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method: data describing a pure tensor function.
+
+    ``layer_rule``: ``None`` for methods that treat every tensor alike; ``"layerswap"`` when the
+    engine must multiply the expert weights of each tensor by
+    ``skillgraft.schedule.method_multiplier(method, params, lm_name, n_layers)`` (0 in the VLM layers
+    that are kept whole, 1 elsewhere).
+    ``min_deltas``: the fewest task vectors (delta) or tensors (interp) the method needs.
+    """
+
+    name: str
+    kind: Literal["delta", "interp"]
+    fn: DeltaFn
+    summary: str
+    paper: str
+    stochastic: bool = False
+    uses_density: bool = False
+    params: tuple[Param, ...] = field(default_factory=tuple)
+    layer_rule: str | None = None
+    min_deltas: int = 1
+    max_deltas: int | None = None
+    validator: Validator | None = None
+
+    @property
+    def needs_base(self) -> bool:
+        return self.kind == "delta"
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with the given values; unknown names or bad choices are a ValueError."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            names = ", ".join(known) or "none"
+            raise ValueError(f"method {self.name!r} has no parameter {unknown[0]!r} (it takes: {names})")
+        out = {p.name: p.default for p in self.params}
+        for name, value in given.items():
+            p = known[name]
+            if p.choices is not None and value not in p.choices:
+                opts = ", ".join(repr(c) for c in p.choices)
+                raise ValueError(f"method {self.name!r}: parameter {name!r} must be one of {opts}, not {value!r}")
+            out[name] = value
+        return out
+
+    def check(self, densities: Sequence[float], params: dict[str, Any] | None = None) -> None:
+        """Raise ValueError if the method cannot run on ``len(densities)`` entries with these settings.
+
+        Cheap; meant to be called once per recipe, before any weight is read.
+        """
+        resolved = self.resolve_params(dict(params or {}))
+        n = len(densities)
+        what = "task vectors" if self.kind == "delta" else "models"
+        if n < self.min_deltas:
+            hint = " (use mode: symmetric to count the VLM's own delta, or add experts)" if self.kind == "delta" else ""
+            raise ValueError(f"method {self.name!r} needs at least {self.min_deltas} {what}, got {n}{hint}")
+        if self.max_deltas is not None and n > self.max_deltas:
+            raise ValueError(f"method {self.name!r} takes at most {self.max_deltas} {what}, got {n}")
+        for d in densities:
+            if not 0.0 < float(d) <= 1.0:
+                raise ValueError(f"method {self.name!r}: density must be in (0, 1], got {d}")
+        if self.validator is not None:
+            self.validator(densities, resolved)
+
+
+def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_k w_k * tau_k, accumulated in the dtype of the deltas (inputs untouched)."""
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        w = float(w)
+        if w != 0.0:
+            out.add_(d, alpha=w)
+    return out
+
+
+def scaled(x: Tensor, lam: float) -> Tensor:
+    """``lam * x`` in place on a tensor the method owns (no-op for lam == 1)."""
+    lam = float(lam)
+    return x if lam == 1.0 else x.mul_(lam)
+
+
+LAMBDA = Param(
+    "lambda",
+    1.0,
+    "global scaling of the merged task vector, applied after any normalisation (the lambda of Task "
+    "Arithmetic / TIES / DELLA, mergekit's 'lambda'); multiplies every entry's weight, the VLM's too in "
+    "symmetric mode",
+)
+
+
+def pop_lambda(params: dict[str, Any]) -> float:
+    """Remove and return the global ``lambda`` (a Python keyword, so passed through ``**params``)."""
+    return float(params.pop("lambda", 1.0))
+
+
+def check_no_params(name: str, params: dict[str, Any]) -> None:
+    if params:
+        raise TypeError(f"{name}() got unexpected parameter(s): {', '.join(sorted(params))}")

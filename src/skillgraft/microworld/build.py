@@ -1,0 +1,413 @@
+"""Train the micro-world zoo from seed on CPU: base LLM, three experts, and a LLaVA VLM.
+
+    base                 LlamaForCausalLM pre-trained on English scene text (with questions and
+                         answers), French scene text, a bilingual lexicon, capital forms and
+                         arithmetic facts: French, formats and sums are latent in it.
+    expert-multilingual  base fine-tuned on French questions/answers over text scenes
+    expert-instruct      base fine-tuned on English questions with format instructions
+    expert-math          base fine-tuned on arithmetic over counts in text scenes
+    vlm                  LlavaForConditionalGeneration: tiny CLIP vision tower + projector + LM
+                         initialised from base; stage 1 trains vision+projector with the LM
+                         frozen, stage 2 trains everything (LM at a low learning rate), on
+                         English image questions only.
+
+Each expert's data also holds a share of plain English questions over text scenes (`replay`),
+as a real fine-tune mixes in general data; the VLM never sees French, format instructions or
+arithmetic. Everything is seeded and runs deterministically on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import world as W
+from .tokenizer import build_tokenizer
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    # language model
+    hidden: int = 128
+    intermediate: int = 256
+    layers: int = 4
+    heads: int = 4
+    # vision tower
+    v_hidden: int = 64
+    v_intermediate: int = 128
+    v_layers: int = 2
+    v_heads: int = 4
+    patch: int = 8
+    # schedule (steps, learning rate), batch size
+    batch: int = 64
+    base_steps: int = 2500
+    base_lr: float = 3e-3
+    expert_steps: int = 500
+    expert_lr: float = 1e-3
+    replay: float = 0.25
+    vlm1_steps: int = 1500
+    vlm1_lr: float = 2e-3
+    vlm2_steps: int = 800
+    vlm2_lr_lm: float = 1e-4
+    vlm2_lr_vision: float = 5e-4
+    warmup: int = 50
+    extras: dict = field(default_factory=dict)
+
+
+FULL = Settings()
+QUICK = Settings(hidden=32, intermediate=64, layers=2, heads=2, v_hidden=16, v_intermediate=32, v_layers=1,
+                 v_heads=2, batch=8, base_steps=3, expert_steps=2, vlm1_steps=2, vlm2_steps=2, warmup=1)
+
+EXPERTS = ("expert-multilingual", "expert-instruct", "expert-math")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def lm_config(tok, s: Settings):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def vlm_config(tok, s: Settings):
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=s.v_hidden,
+        intermediate_size=s.v_intermediate,
+        num_hidden_layers=s.v_layers,
+        num_attention_heads=s.v_heads,
+        image_size=W.IMAGE_SIZE,
+        patch_size=s.patch,
+        projection_dim=s.v_hidden,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=lm_config(tok, s),
+        image_token_index=tok.convert_tokens_to_ids(W.IMAGE_TOKEN),
+        image_seq_length=(W.IMAGE_SIZE // s.patch) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+
+
+IMAGE_MEAN = [0.5, 0.5, 0.5]
+IMAGE_STD = [0.5, 0.5, 0.5]
+
+
+def make_processor(tok, s: Settings):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    ip = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": W.IMAGE_SIZE},
+        do_center_crop=True,
+        crop_size={"height": W.IMAGE_SIZE, "width": W.IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=s.patch,
+        vision_feature_select_strategy="default",
+        image_token=W.IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def images_uint8(images) -> torch.Tensor:
+    """[N, 3, H, W] uint8 tensor of PIL images."""
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(u8: torch.Tensor) -> torch.Tensor:
+    """Same tensor the saved image processor produces (rescale 1/255, normalize 0.5/0.5)."""
+    return (u8.float() / 255.0 - 0.5) / 0.5
+
+
+def pixels(images) -> torch.Tensor:
+    return normalize(images_uint8(images))
+
+
+def generation_config(tok):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=8,
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    loss_from: int  # first position whose token is predicted (labels before it are -100)
+    image: int = -1  # index into the image tensor, -1 for text-only
+
+
+def _ids(tok, text: str, bos: bool = False) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ([tok.bos_token_id] if bos else []) + ids
+
+
+def qa_example(tok, prompt: str, answer: str, image: int = -1, n_image_tokens: int = 0) -> Example:
+    if n_image_tokens:
+        prompt = prompt.replace(W.IMAGE_TOKEN, W.IMAGE_TOKEN * n_image_tokens)
+    p = _ids(tok, prompt, bos=True)
+    a = _ids(tok, answer) + [tok.eos_token_id]
+    return Example(p + a, len(p), image)
+
+
+def text_example(tok, text: str) -> Example:
+    ids = _ids(tok, text, bos=True) + [tok.eos_token_id]
+    return Example(ids, 1)
+
+
+def scene_qa(rng: random.Random, task: str, scene_lang: str) -> tuple[str, str]:
+    item = W.make_item(rng, task)
+    return W.text_prompt(item, scene_lang), item.answer
+
+
+def base_corpus(tok, rng: random.Random, n: int) -> list[Example]:
+    lex = W.lexicon_lines()
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.45:  # English scene text with a question and its answer
+            p, a = scene_qa(rng, "en", "en")
+            out.append(text_example(tok, f"{p} {a}"))
+        elif r < 0.6:  # English scene + statements
+            s = W.random_scene(rng)
+            out.append(text_example(tok, f"scene : {W.describe(s, 'en')} . {W.statements(s, rng, 'en')}"))
+        elif r < 0.8:  # French scene + statements
+            s = W.random_scene(rng)
+            out.append(text_example(tok, f"scene : {W.describe(s, 'fr')} . {W.statements(s, rng, 'fr')}"))
+        else:  # lexicon, capitals, arithmetic facts
+            out.append(text_example(tok, " ".join(rng.choice(lex) for _ in range(4))))
+    return out
+
+
+def expert_corpus(tok, name: str, rng: random.Random, n: int, replay: float) -> list[Example]:
+    out = []
+    for _ in range(n):
+        if rng.random() < replay:
+            p, a = scene_qa(rng, "en", "en")
+        elif name == "expert-multilingual":
+            p, a = scene_qa(rng, "fr", rng.choice(("en", "fr")))
+        elif name == "expert-instruct":
+            p, a = scene_qa(rng, "instruction", "en")
+        elif name == "expert-math":
+            p, a = scene_qa(rng, "math", "en")
+        else:
+            raise ValueError(name)
+        out.append(qa_example(tok, p, a))
+    return out
+
+
+def vlm_corpus(tok, rng: random.Random, n: int, n_image_tokens: int) -> tuple[list[Example], torch.Tensor]:
+    out, images = [], []
+    for i in range(n):
+        item = W.make_item(rng, "en")
+        images.append(item.image())
+        out.append(qa_example(tok, W.vlm_prompt(item), item.answer, image=i, n_image_tokens=n_image_tokens))
+    return out, images_uint8(images)
+
+
+def collate(batch: list[Example], pad_id: int, pix: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    L = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(batch), L), dtype=torch.long)
+    lab = torch.full((len(batch), L), -100, dtype=torch.long)
+    for i, e in enumerate(batch):
+        t = torch.tensor(e.ids)
+        ids[i, : len(t)] = t
+        att[i, : len(t)] = 1
+        lab[i, e.loss_from : len(t)] = t[e.loss_from :]
+    out = {"input_ids": ids, "attention_mask": att, "labels": lab}
+    if pix is not None:
+        out["pixel_values"] = normalize(pix[torch.tensor([e.image for e in batch])])
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(
+    model,
+    data: list[Example],
+    groups: list[tuple[list[torch.nn.Parameter], float]],
+    steps: int,
+    s: Settings,
+    seed: int,
+    pad_id: int,
+    pix: torch.Tensor | None = None,
+    desc: str = "",
+    progress: bool = True,
+) -> float:
+    """AdamW with warmup + cosine decay, fixed data order; returns the final mean loss."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=0.0, betas=(0.9, 0.98))
+    base_lrs = [lr for _, lr in groups]
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    ema = None
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        f = min(1.0, (step + 1) / max(1, s.warmup)) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        for pg, lr in zip(opt.param_groups, base_lrs):
+            pg["lr"] = lr * f
+        idx = torch.randint(len(data), (s.batch,), generator=g).tolist()
+        batch = collate([data[i] for i in idx], pad_id, pix)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for ps, _ in groups for p in ps], 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{ema:.3f}")
+    model.eval()
+    return float(ema or 0.0)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _save_lm(model, tok, out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = generation_config(tok)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / "microworld.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def build_zoo(
+    out: Path,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    settings: Settings | None = None,
+    only: tuple[str, ...] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train base, the three experts and the VLM into `out/<name>/`; returns seconds per model.
+
+    `quick` shrinks the models and runs a few steps (a smoke test, not a usable zoo).
+    """
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    s = settings or (QUICK if quick else FULL)
+    say = log or (print if progress else (lambda _m: None))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    tok = build_tokenizer()
+    pad = tok.pad_token_id
+    n_img = (W.IMAGE_SIZE // s.patch) ** 2
+    scale_n = lambda steps: max(64, steps * s.batch // 2)  # noqa: E731  (corpus size: ~2 epochs)
+    timings: dict[str, float] = {}
+    meta_common = {"seed": seed, "settings": {k: v for k, v in s.__dict__.items() if k != "extras"}}
+
+    # ---- base
+    t0 = time.perf_counter()
+    _seed_all(seed)
+    base = LlamaForCausalLM(lm_config(tok, s))
+    data = base_corpus(tok, random.Random(seed * 1000 + 1), scale_n(s.base_steps))
+    loss = train(base, data, [(list(base.parameters()), s.base_lr)], s.base_steps, s, seed + 1, pad,
+                 desc="base", progress=progress)
+    _save_lm(base, tok, out / "base", {**meta_common, "model": "base", "final_loss": loss})
+    timings["base"] = time.perf_counter() - t0
+    say(f"base: {timings['base']:.0f}s loss {loss:.3f}")
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+
+    # ---- experts
+    for k, name in enumerate(EXPERTS):
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        _seed_all(seed + 10 + k)
+        ex = LlamaForCausalLM(lm_config(tok, s))
+        ex.load_state_dict(base_state)
+        data = expert_corpus(tok, name, random.Random(seed * 1000 + 10 + k), scale_n(s.expert_steps), s.replay)
+        loss = train(ex, data, [(list(ex.parameters()), s.expert_lr)], s.expert_steps, s, seed + 10 + k, pad,
+                     desc=name, progress=progress)
+        _save_lm(ex, tok, out / name, {**meta_common, "model": name, "final_loss": loss})
+        timings[name] = time.perf_counter() - t0
+        say(f"{name}: {timings[name]:.0f}s loss {loss:.3f}")
+
+    # ---- VLM
+    if not only or "vlm" in only:
+        t0 = time.perf_counter()
+        _seed_all(seed + 20)
+        vlm = LlavaForConditionalGeneration(vlm_config(tok, s))
+        vlm.model.language_model.load_state_dict({k[len("model."):]: v for k, v in base_state.items()
+                                                  if k.startswith("model.")})
+        vlm.lm_head.load_state_dict({"weight": base_state["lm_head.weight"]})
+        n_data = scale_n(s.vlm1_steps + s.vlm2_steps)
+        data, pix = vlm_corpus(tok, random.Random(seed * 1000 + 20), n_data, n_img)
+        lm_params = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
+        vis_params = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
+        for p in lm_params:
+            p.requires_grad_(False)
+        loss1 = train(vlm, data, [(vis_params, s.vlm1_lr)], s.vlm1_steps, s, seed + 21, pad, pix,
+                      desc="vlm stage 1", progress=progress)
+        say(f"vlm stage 1: loss {loss1:.3f}")
+        for p in lm_params:
+            p.requires_grad_(True)
+        loss2 = train(vlm, data, [(vis_params, s.vlm2_lr_vision), (lm_params, s.vlm2_lr_lm)], s.vlm2_steps, s,
+                      seed + 22, pad, pix, desc="vlm stage 2", progress=progress)
+        d = out / "vlm"
+        d.mkdir(parents=True, exist_ok=True)
+        vlm.generation_config = generation_config(tok)
+        vlm.save_pretrained(str(d))
+        make_processor(tok, s).save_pretrained(str(d))
+        (d / "microworld.json").write_text(json.dumps(
+            {**meta_common, "model": "vlm", "stage1_loss": loss1, "final_loss": loss2}, indent=2) + "\n")
+        timings["vlm"] = time.perf_counter() - t0
+        say(f"vlm: {timings['vlm']:.0f}s loss {loss2:.3f}")
+
+    timings["total"] = sum(v for k, v in timings.items())
+    (out / "build_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    return timings

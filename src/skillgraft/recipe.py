@@ -1,0 +1,99 @@
+"""The recipe: everything that determines a merge, as a pydantic model, YAML in and out.
+
+A recipe written next to a merged checkpoint (`skillgraft_recipe.yaml`) reproduces it
+exactly with `skillgraft inject --recipe skillgraft_recipe.yaml -o OUT`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SkillgraftError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Mode = Literal["inject", "symmetric"]
+
+
+class ExpertSpec(BaseModel):
+    """One expert LLM and how strongly its task vector is applied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint directory or hub id of the expert LLM")
+    name: str | None = Field(default=None, description="label used in reports; defaults to the directory name")
+    scale: float = Field(default=1.0, description="lambda: weight of this expert's task vector")
+    density: float = Field(default=1.0, gt=0.0, le=1.0, description="fraction of the delta kept by sparsifying methods")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.model.rstrip("/")).name or self.model
+
+
+class Recipe(BaseModel):
+    """A complete merge: the VLM, its base LLM, the experts, the method and its settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vlm: str = Field(description="target model: a VLM (or an LLM) checkpoint directory or hub id")
+    base: str | None = Field(default=None, description="base LLM both the VLM's LM and the experts derive from")
+    experts: list[ExpertSpec] = Field(min_length=1)
+    method: str = "ta"
+    mode: Mode = Field(
+        default="inject",
+        description="inject: VLM kept whole, only expert deltas are merged; "
+        "symmetric: the VLM delta is one more task vector",
+    )
+    vlm_weight: float = Field(default=1.0, description="weight of the VLM's own delta (symmetric mode)")
+    vlm_density: float = Field(default=1.0, gt=0.0, le=1.0, description="density of the VLM's delta (symmetric mode)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="method-specific parameters")
+    seed: int = 0
+    dtype: DType = "auto"
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="LM module kinds (attention, mlp, norm, embed, lm_head) or regexes kept from the VLM",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from .methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, source: str = "recipe") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SkillgraftError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise SkillgraftError(f"{source}: expected a mapping with keys vlm, base, experts, ...")
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise SkillgraftError(f"{source}: {where}: {first['msg']}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise SkillgraftError(f"recipe file not found: {p}")
+        return cls.from_yaml_text(p.read_text(), source=str(p))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
