@@ -1,0 +1,209 @@
+"""The injection engine end to end on tiny LLaVA checkpoints: exact values, copies, dtypes, randomness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import build_llava_triple, load_weights
+
+from skillgraft.api import inject, plan_only
+from skillgraft.recipe import ExpertSpec, Recipe
+
+LM_PREFIX = "language_model.model."
+
+
+def _recipe(t, **kw) -> Recipe:
+    expert = {k: kw.pop(k) for k in ("scale", "density") if k in kw}
+    return Recipe(vlm=str(t.vlm), base=str(t.base), experts=[ExpertSpec(model=str(t.expert), **expert)], **kw)
+
+
+def _expected_ta(v, b, e, scale):
+    """theta_V + scale*(theta_E - theta_B) on the overlapping rows, written independently of the engine."""
+    out = {}
+    for name, tv in v.items():
+        if name == "language_model.lm_head.weight":
+            src = "lm_head.weight"
+        elif name.startswith(LM_PREFIX):
+            src = "model." + name[len(LM_PREFIX):]
+        else:
+            out[name] = tv
+            continue
+        r = b[src].shape[0]
+        t = tv.float().clone()
+        t[:r] += scale * (e[src].float() - b[src].float())
+        out[name] = t.to(tv.dtype)
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_ta_exact_values(llava_triple, tmp_path, scale):
+    res = inject(_recipe(llava_triple, scale=scale), tmp_path / "out", progress=False)
+    got = load_weights(res.out_dir)
+    v, b, e = (load_weights(p) for p in (llava_triple.vlm, llava_triple.base, llava_triple.expert))
+    want = _expected_ta(v, b, e, scale)
+    assert set(got) == set(v)
+    for name in v:
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            assert torch.equal(got[name], v[name]), name
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+    c = res.report["counts"]
+    assert c == {"merged": 21, "row_sliced": 2, "copied": 27, "total": 48}
+    assert res.report["unmatched"]["vlm"] == []
+    assert res.report["tensors"]["language_model.model.embed_tokens.weight"]["rows"] == [0, 64]
+    # the image-token rows the base has never seen are the VLM's own
+    assert torch.equal(got["language_model.model.embed_tokens.weight"][64:], v["language_model.model.embed_tokens.weight"][64:])
+
+
+def test_output_is_complete_and_loads(llava_triple, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    res = inject(_recipe(llava_triple, scale=0.5), tmp_path / "out", progress=False)
+    files = {p.name for p in res.out_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
+            "model.safetensors", "skillgraft_recipe.yaml", "skillgraft_report.json", "README.md"} <= files
+    report = json.loads((res.out_dir / "skillgraft_report.json").read_text())
+    assert report["counts"] == res.report["counts"]
+    assert "scale" in (res.out_dir / "README.md").read_text()
+    model = LlavaForConditionalGeneration.from_pretrained(res.out_dir)
+    ids = torch.tensor([[1, 2, 67, 67, 67, 67, 3]])  # (28/14)^2 = 4 image patches -> 4 image tokens
+    pixel = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixel).logits
+    assert logits.shape == (1, 7, 68) and torch.isfinite(logits).all()
+
+
+def test_scale_zero_is_the_vlm_bit_for_bit(llava_triple, tmp_path):
+    res = inject(_recipe(llava_triple, scale=0.0), tmp_path / "out", progress=False)
+    got, v = load_weights(res.out_dir), load_weights(llava_triple.vlm)
+    assert all(torch.equal(got[k], v[k]) for k in v)
+
+
+def test_saved_recipe_reproduces_the_run(llava_triple, tmp_path, monkeypatch):
+    first = inject(_recipe(llava_triple, method="dare", scale=0.8, density=0.4, seed=3), tmp_path / "a", progress=False)
+    monkeypatch.chdir(tmp_path)  # the saved recipe holds absolute paths
+    again = inject(Recipe.load(first.out_dir / "skillgraft_recipe.yaml"), tmp_path / "b", progress=False)
+    assert (first.out_dir / "model.safetensors").read_bytes() == (again.out_dir / "model.safetensors").read_bytes()
+    saved = yaml.safe_load((first.out_dir / "skillgraft_recipe.yaml").read_text())
+    assert saved["method"] == "dare" and saved["seed"] == 3 and saved["experts"][0]["density"] == 0.4
+
+
+def test_dtype_and_shards(llava_triple, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    res = inject(_recipe(llava_triple, dtype="bfloat16"), tmp_path / "out", shard_size=20_000, progress=False)
+    shards = sorted(p.name for p in res.out_dir.glob("*.safetensors"))
+    assert len(shards) > 3 and (res.out_dir / "model.safetensors.index.json").is_file()
+    got = load_weights(res.out_dir)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert json.loads((res.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    model = LlavaForConditionalGeneration.from_pretrained(res.out_dir)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_bin_checkpoints_are_read(tmp_path):
+    t = build_llava_triple(tmp_path / "bin", bin_files=True)
+    assert (t.expert / "pytorch_model.bin").is_file() and not (t.expert / "model.safetensors").exists()
+    res = inject(_recipe(t, scale=1.0), tmp_path / "out", progress=False)
+    assert res.report["counts"]["merged"] == 21
+    ref = build_llava_triple(tmp_path / "st")  # same seed, safetensors: same merge
+    want = inject(_recipe(ref, scale=1.0), tmp_path / "out-st", progress=False)
+    got, exp = load_weights(res.out_dir), load_weights(want.out_dir)
+    assert all(torch.equal(got[k], exp[k]) for k in exp)
+
+
+def test_plain_llm_target(llava_triple, tmp_path):
+    """An LLM as the target: every tensor is language model."""
+    r = Recipe(vlm=str(llava_triple.expert), base=str(llava_triple.base),
+               experts=[ExpertSpec(model=str(llava_triple.expert), name="again", scale=1.0)])
+    res = inject(r, tmp_path / "out", progress=False)
+    assert res.report["counts"]["copied"] == 0 and res.report["counts"]["merged"] == res.report["counts"]["total"]
+    e, b = load_weights(llava_triple.expert), load_weights(llava_triple.base)
+    got = load_weights(res.out_dir)
+    for k in e:
+        torch.testing.assert_close(got[k], e[k] + (e[k] - b[k]), rtol=0, atol=1e-6)
+
+
+def test_dare_reproducible_and_unbiased(llava_triple, tmp_path):
+    """Fixed seed: identical bytes. Across seeds: kept fraction ~ density, mean delta ~ TA."""
+    density, scale, seeds = 0.3, 1.0, 40
+    a = inject(_recipe(llava_triple, method="dare", density=density, seed=7), tmp_path / "a", progress=False)
+    b = inject(_recipe(llava_triple, method="dare", density=density, seed=7), tmp_path / "b", progress=False)
+    assert (a.out_dir / "model.safetensors").read_bytes() == (b.out_dir / "model.safetensors").read_bytes()
+
+    v, base, e = (load_weights(p) for p in (llava_triple.vlm, llava_triple.base, llava_triple.expert))
+    name, src = "language_model.model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    ta = scale * (e[src] - base[src])
+    kept, total = 0, 0
+    acc = torch.zeros_like(ta)
+    for seed in range(seeds):
+        out = inject(_recipe(llava_triple, method="dare", density=density, scale=scale, seed=seed),
+                     tmp_path / f"s{seed}", progress=False)
+        delta = load_weights(out.out_dir)[name] - v[name]
+        kept += int((delta != 0).sum())
+        total += delta.numel()
+        acc += delta
+        # kept entries are rescaled by 1/density
+        nz = delta != 0
+        torch.testing.assert_close(delta[nz], ta[nz] / density, rtol=1e-4, atol=1e-6)
+    frac = kept / total
+    # binomial: sd = sqrt(p(1-p)/n) ~ 0.0016 for n = 40*2048; allow 5 sd
+    assert abs(frac - density) < 5 * (density * (1 - density) / total) ** 0.5
+    mean = acc / seeds
+    # relative error of the mean: expected sqrt((1-p)/(p*seeds)) ~ 0.24; allow 1.5x that
+    rel = float((mean - ta).norm() / ta.norm())
+    expected = ((1 - density) / (density * seeds)) ** 0.5
+    assert rel < 1.5 * expected
+    assert abs(float(mean.sum() - ta.sum())) < 0.1 * float(ta.abs().sum())
+
+
+def _two_expert_triple(tmp_path):
+    t = build_llava_triple(tmp_path / "t")
+    from transformers import LlamaForCausalLM
+
+    e2 = LlamaForCausalLM.from_pretrained(t.base)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in e2.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    e2.save_pretrained(tmp_path / "t" / "expert2")
+    return t, tmp_path / "t" / "expert2"
+
+
+def test_two_expert_ties_matches_hand_computation(tmp_path):
+    t, e2_dir = _two_expert_triple(tmp_path)
+    recipe = Recipe(
+        vlm=str(t.vlm), base=str(t.base), method="ties",
+        experts=[ExpertSpec(model=str(t.expert), name="one", scale=0.6, density=0.5),
+                 ExpertSpec(model=str(e2_dir), name="two", scale=0.9, density=0.3)],
+    )
+    res = inject(recipe, tmp_path / "out", progress=False)
+    v, b = load_weights(t.vlm), load_weights(t.base)
+    e1, e2 = load_weights(t.expert), load_weights(e2_dir)
+    name, src = "language_model.model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    taus = [e1[src] - b[src], e2[src] - b[src]]
+    trimmed = []
+    for tau, d in zip(taus, (0.5, 0.3)):
+        k = int(round(d * tau.numel()))
+        thresh = tau.abs().flatten().sort(descending=True).values[k - 1]
+        trimmed.append(torch.where(tau.abs() >= thresh, tau, torch.zeros_like(tau)))
+    weighted = [0.6 * trimmed[0], 0.9 * trimmed[1]]
+    sign = torch.sign(weighted[0] + weighted[1])
+    sign[sign == 0] = 1
+    merged = sum(torch.where(torch.sign(w) == sign, w, torch.zeros_like(w)) for w in weighted)
+    torch.testing.assert_close(load_weights(res.out_dir)[name], v[name] + merged, rtol=0, atol=1e-6)
+
+
+def test_dry_run_plan_reads_no_weights(llava_triple, monkeypatch):
+    from skillgraft.io.reader import CheckpointReader
+
+    def boom(*a, **k):
+        raise AssertionError("a weight was read during planning")
+
+    monkeypatch.setattr(CheckpointReader, "get", boom)
+    monkeypatch.setattr(CheckpointReader, "get_rows", boom)
+    plan = plan_only(_recipe(llava_triple))
+    assert plan.counts()["merged"] == 21 and plan.n_layers == 2
