@@ -11,14 +11,26 @@ Every family here builds, into a directory, with the real transformers classes:
 
 The VLM checkpoint can be written in three layouts:
 
-- ``"saved"``:  exactly what ``save_pretrained`` of the installed transformers writes,
-- ``"legacy"``: the hub layout (e.g. ``language_model.model.layers.N`` for LLaVA-style,
-  ``model.layers.N`` + ``visual.`` for Qwen2-VL),
+- ``"saved"``:  exactly what ``save_pretrained`` of the installed transformers (5.24) writes.
+  It reverse-converts the LM to the hub keys (``language_model.model.layers.N``,
+  ``language_model.lm_head``; Qwen2-VL/2.5-VL ``model.layers.N``, ``visual.``), but for
+  LLaVA-style models with a CLIP/SigLIP tower (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3,
+  PaliGemma) it writes ``vision_tower.embeddings...`` without the hub's inner ``vision_model.``:
+  a layout of its own.
+- ``"legacy"``: the hub layout (``vision_tower.vision_model.*`` for CLIP/SigLIP towers).
+  Identical to "saved" for Qwen2-VL, Qwen2.5-VL, Mistral 3, InternVL, Mllama.
 - ``"v5"``:     the transformers 5 module names (``model.language_model.*``,
   ``model.vision_tower.*``, ``lm_head.*``), i.e. the in-memory ``state_dict`` names.
 
-Families without a key conversion in transformers (Idefics2/3, SmolVLM, Qwen3-VL) have
-one layout only: legacy == v5 == saved.
+transformers 5.24 loads all three layouts of every family back to the same weights (no
+missing or unexpected keys). Families without a key conversion in transformers (Idefics2,
+Idefics3, SmolVLM, Qwen3-VL: ``model.text_model.*`` / ``model.language_model.*`` on the hub)
+have one layout only: legacy == v5 == saved; ``distinct_layouts`` lists what differs on disk.
+
+Vocabularies: base/expert have BASE_VOCAB (96) rows; the VLMs add their image/special tokens
+(100 or 104 rows). Mllama keeps lm_head at 96 rows and has embed_tokens with 96 + 8 rows
+(its ``<|image|>`` token, id 96, lives in the extra rows), as Llama 3.2 Vision does.
+Gemma 3 and PaliGemma tie embeddings (no lm_head in the file); all others are untied.
 
 Nothing here imports skillgraft: this is the independent side of the engine tests.
 """
@@ -39,8 +51,9 @@ import transformers as tf
 
 BASE_VOCAB = 96
 SEED = 1234
-VLM_NOISE = 0.01
-EXPERT_NOISE = 0.02
+# perturbations relative to each tensor's RMS: fine-tunes move weights by a few percent
+VLM_NOISE = 0.02
+EXPERT_NOISE = 0.04
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -54,7 +67,7 @@ def _base_vocab_tokens(n: int = BASE_VOCAB) -> list[str]:
     return SPECIALS + words
 
 
-def make_tokenizer(extra_tokens: list[str], total: int | None = None) -> tf.PreTrainedTokenizerFast:
+def make_tokenizer(extra_tokens: list[str]) -> tf.PreTrainedTokenizerFast:
     """A word-level tokenizer: 4 specials + words (BASE_VOCAB in all), then ``extra_tokens``
     as added special tokens (ids BASE_VOCAB, BASE_VOCAB+1, ...)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -209,6 +222,12 @@ def _llava_inputs(model, cfg, t):
 def _clip_image_processor(size: int):
     def make(cfg):
         return tf.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return make
+
+
+def _image_processor(cls_name: str, **kw):
+    def make(cfg):
+        return getattr(tf, cls_name)(**kw)
     return make
 
 
@@ -515,7 +534,8 @@ _register(Family("llava_onevision", tf.LlavaOnevisionForConditionalGeneration, t
                  legacy_renames=_llava_renames(extra=[("model.image_newline", "image_newline")]), saved_is_legacy=False))
 _register(Family("qwen2_vl", tf.Qwen2VLForConditionalGeneration, tf.Qwen2ForCausalLM, _qwen2_vl_configs,
                  QWEN_TOKENS, _qwen_vl_inputs(14),
-                 legacy_renames=[("model.language_model.", "model."), ("model.visual.", "visual.")]))
+                 legacy_renames=[("model.language_model.", "model."), ("model.visual.", "visual.")],
+                 image_processor=_image_processor("Qwen2VLImageProcessorPil", patch_size=14, merge_size=2)))
 _register(Family("qwen2_5_vl", tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2ForCausalLM, _qwen25_vl_configs,
                  QWEN_TOKENS, _qwen_vl_inputs(14),
                  legacy_renames=[("model.language_model.", "model."), ("model.visual.", "visual.")]))
@@ -524,17 +544,20 @@ _register(Family("qwen3_vl", tf.Qwen3VLForConditionalGeneration, tf.Qwen3ForCaus
 _register(Family("idefics2", tf.Idefics2ForConditionalGeneration, tf.MistralForCausalLM, _idefics2_configs,
                  IDEFICS_TOKENS, _idefics_inputs(4, 28), lm_prefix="model.text_model."))
 _register(Family("idefics3", tf.Idefics3ForConditionalGeneration, tf.LlamaForCausalLM, _idefics3_configs,
-                 IDEFICS_TOKENS, _idefics_inputs(4, 56), lm_prefix="model.text_model."))
+                 IDEFICS_TOKENS, _idefics_inputs(4, 56), lm_prefix="model.text_model.",
+                 image_processor=_image_processor("Idefics3ImageProcessorPil")))
 _register(Family("smolvlm", tf.SmolVLMForConditionalGeneration, tf.LlamaForCausalLM, _smolvlm_configs,
                  IDEFICS_TOKENS, _idefics_inputs(4, 56), lm_prefix="model.text_model."))
 _register(Family("gemma3", tf.Gemma3ForConditionalGeneration, tf.Gemma3ForCausalLM, _gemma3_configs,
-                 GEMMA3_TOKENS, _gemma3_inputs, legacy_renames=_llava_renames(), tied=True, saved_is_legacy=False))
+                 GEMMA3_TOKENS, _gemma3_inputs, legacy_renames=_llava_renames(), tied=True, saved_is_legacy=False,
+                 image_processor=_image_processor("Gemma3ImageProcessorPil", size={"height": 56, "width": 56})))
 _register(Family("mistral3", tf.Mistral3ForConditionalGeneration, tf.MistralForCausalLM, _mistral3_configs,
                  MISTRAL3_TOKENS, _mistral3_inputs, legacy_renames=_llava_renames(vision_inner="")))
 _register(Family("internvl", tf.InternVLForConditionalGeneration, tf.Qwen2ForCausalLM, _internvl_configs,
                  INTERNVL_TOKENS, _internvl_inputs, legacy_renames=_llava_renames(vision_inner="")))
 _register(Family("paligemma", tf.PaliGemmaForConditionalGeneration, tf.GemmaForCausalLM, _paligemma_configs,
-                 ["<image>"], _paligemma_inputs, legacy_renames=_llava_renames(), tied=True, saved_is_legacy=False))
+                 ["<image>"], _paligemma_inputs, legacy_renames=_llava_renames(), tied=True, saved_is_legacy=False,
+                 image_processor=_image_processor("SiglipImageProcessorPil", size={"height": 28, "width": 28})))
 _register(Family("mllama", tf.MllamaForConditionalGeneration, tf.LlamaForCausalLM, _mllama_configs, ["<|image|>"],
                  _mllama_inputs,
                  legacy_renames=[("model.language_model.", "language_model.model."),
@@ -584,8 +607,10 @@ def read_safetensors(d: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _perturb(t: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
-    return t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype)
+def _perturb(t: torch.Tensor, rel: float, g: torch.Generator) -> torch.Tensor:
+    """``t`` + noise of RMS ``rel`` * RMS(t) (at least ``rel`` * 0.01, so zero biases move too)."""
+    rms = max(t.float().pow(2).mean().sqrt().item(), 0.01) if t.numel() else 0.0
+    return t + rel * rms * torch.randn(t.shape, generator=g, dtype=t.dtype)
 
 
 def llm_to_vlm_key(fam: Family, cfg, llm_key: str) -> str:
@@ -601,8 +626,11 @@ def llm_to_vlm_key(fam: Family, cfg, llm_key: str) -> str:
     return fam.lm_prefix + rest
 
 
-def build(family: str, root: str | Path, layout: str = "saved", seed: int = SEED) -> Built:
-    """Write base/, expert/ and vlm/ (in ``layout``) for ``family`` under ``root``."""
+def build(family: str, root: str | Path, layout: str = "saved", seed: int = SEED,
+          dtype: torch.dtype | None = None) -> Built:
+    """Write base/, expert/ and vlm/ (in ``layout``) for ``family`` under ``root``.
+
+    ``dtype``: cast all three models to it before saving (e.g. torch.bfloat16, as on the hub)."""
     fam = FAMILIES[family]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -621,6 +649,9 @@ def build(family: str, root: str | Path, layout: str = "saved", seed: int = SEED
         bsd = base.state_dict()
         esd = {k: _perturb(v, EXPERT_NOISE, g) for k, v in bsd.items()}
         expert.load_state_dict(esd)
+    if dtype is not None:
+        base.to(dtype)
+        expert.to(dtype)
     base.save_pretrained(root / "base")
     btok.save_pretrained(root / "base")
     expert.save_pretrained(root / "expert")
@@ -642,6 +673,8 @@ def build(family: str, root: str | Path, layout: str = "saved", seed: int = SEED
             else:
                 r = min(tgt.shape[0], bv.shape[0])
                 tgt[:r].copy_(_perturb(bv[:r], VLM_NOISE, g))
+    if dtype is not None:
+        vlm.to(dtype)
     vdir = root / "vlm"
     vlm.save_pretrained(vdir)
     vtok.save_pretrained(vdir)
@@ -658,16 +691,20 @@ def build(family: str, root: str | Path, layout: str = "saved", seed: int = SEED
     return built
 
 
-def relayout(built: Built, layout: str, dest: str | Path | None = None) -> Built:
+def relayout(built: Built, layout: str, dest: str | Path | None = None, max_shard_size: str | None = None) -> Built:
     """A copy of ``built.vlm`` (or ``dest`` in place) whose safetensors keys are in ``layout``.
 
-    Everything but the weights file (config, tokenizer, processor files) is copied as is."""
+    Everything but the weights (config, tokenizer, processor files) is copied as is.
+    ``max_shard_size`` (layout "saved" only): write a sharded checkpoint with an index, as the hub has."""
     import shutil
 
     fam = built.family
     if layout not in LAYOUTS:
         raise ValueError(layout)
-    dest = Path(dest) if dest is not None else built.root / f"vlm_{layout}"
+    if max_shard_size is not None and layout != "saved":
+        raise ValueError("sharding is only written for layout 'saved'")
+    suffix = "_sharded" if max_shard_size else ""
+    dest = Path(dest) if dest is not None else built.root / f"vlm_{layout}{suffix}"
     if dest != built.vlm:
         if dest.exists():
             shutil.rmtree(dest)
@@ -677,7 +714,7 @@ def relayout(built: Built, layout: str, dest: str | Path | None = None) -> Built
     if layout == "saved":
         model = fam.vlm_cls(built.vlm_config)
         model.load_state_dict(built.v5_state, strict=False)
-        model.save_pretrained(dest)
+        model.save_pretrained(dest, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     else:
         sd = built.v5_state if layout == "v5" else {fam.to_legacy(k): v for k, v in built.v5_state.items()}
         save_file(sd, str(dest / "model.safetensors"), metadata={"format": "pt"})
@@ -702,15 +739,15 @@ def inputs(vlm_dir: str | Path, model=None, family: Family | str | None = None) 
     cfg = model.config if model is not None else tf.AutoConfig.from_pretrained(vlm_dir)
     tok = tf.AutoTokenizer.from_pretrained(vlm_dir)
     tok_ids = {t: tok.convert_tokens_to_ids(t) for t in fam.extra_tokens}
+    assert all(i is not None and i >= BASE_VOCAB for i in tok_ids.values()), tok_ids
     if model is None:
         model = fam.vlm_cls.from_pretrained(vlm_dir).eval()
     return fam.make_inputs(model, cfg, tok_ids)
 
 
 def family_of(vlm_dir: str | Path) -> str:
-    mt = json.loads((Path(vlm_dir) / "config.json").read_text())["model_type"]
-    names = {"qwen2_5_vl": "qwen2_5_vl"}
-    return names.get(mt, mt)
+    """The family name of a VLM dir (family names are the transformers model_type)."""
+    return json.loads((Path(vlm_dir) / "config.json").read_text())["model_type"]
 
 
 def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

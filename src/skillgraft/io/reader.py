@@ -3,16 +3,22 @@
 Supports a single ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
 and ``pytorch_model*.bin`` (loaded with ``weights_only=True, mmap=True``, never a full unpickle).
 Only names, shapes and dtypes are read up front; a tensor's bytes are read when asked for.
+
+Safetensors tensors are read with positioned reads into fresh buffers rather than through a
+memory map: a map keeps every page it touched resident in the process until it is closed, so
+streaming a 15 GB checkpoint through ``safe_open`` would show 15 GB of RSS. Reading exactly the
+bytes of one tensor (or its first rows) keeps memory at the tensors in flight.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..errors import SkillgraftError
 
@@ -30,6 +36,68 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+
+
+class SafetensorsFile:
+    """One safetensors file: its header parsed up front, tensors read on demand with ``preadv``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            if len(head) < 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError("header length out of range")
+            header = json.loads(os.pread(self.fd, n, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a mapping")
+        except (ValueError, OSError) as e:
+            os.close(self.fd)
+            raise SkillgraftError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                begin, end = info["data_offsets"]
+                shape = tuple(int(x) for x in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                os.close(self.fd)
+                raise SkillgraftError(f"{path}: bad header entry for {name}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or self.data_start + end > size:
+                os.close(self.fd)
+                raise SkillgraftError(f"{path}: tensor {name} does not fit its declared shape (truncated file?)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def read(self, name: str, rows: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or its first ``rows`` rows) in a fresh, writable CPU buffer."""
+        dtype, shape, begin, end = self.entries[name]
+        if rows is not None and shape and rows < shape[0]:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            shape = (rows, *shape[1:])
+            end = begin + rows * row_bytes
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], self.data_start + begin + done)
+            if got <= 0:
+                raise SkillgraftError(f"{self.path}: unexpected end of file reading {name}")
+            done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _weight_files(root: Path) -> tuple[str, list[Path]]:
@@ -88,16 +156,12 @@ class CheckpointReader:
             raise SkillgraftError(f"{path}: not valid JSON ({e})") from None
 
     def _scan_safetensors(self, f: Path) -> None:
-        try:
-            h = safe_open(str(f), framework="pt")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise SkillgraftError(f"{f}: not a readable safetensors file ({e})") from None
+        h = SafetensorsFile(f)
         self._handles[f] = h
-        for name in h.keys():
-            sl = h.get_slice(name)
+        for name, (dtype, shape, _, _) in h.entries.items():
             self._where[name] = f
-            self._shape[name] = tuple(sl.get_shape())
-            self._dtype[name] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+            self._shape[name] = shape
+            self._dtype[name] = dtype
 
     def _scan_bin(self, f: Path) -> None:
         try:
@@ -136,7 +200,7 @@ class CheckpointReader:
         """The tensor ``name``, on the CPU, in its stored dtype."""
         h = self._handles[self._where[name]]
         if self.format == "safetensors":
-            return h.get_tensor(name)
+            return h.read(name)
         return h[name]
 
     def get_rows(self, name: str, rows: int | None) -> torch.Tensor:
@@ -145,10 +209,13 @@ class CheckpointReader:
             return self.get(name)
         h = self._handles[self._where[name]]
         if self.format == "safetensors":
-            return h.get_slice(name)[:rows]
+            return h.read(name, rows)
         return h[name][:rows]
 
     def close(self) -> None:
+        for h in self._handles.values():
+            if isinstance(h, SafetensorsFile):
+                h.close()
         self._handles.clear()
 
     def __enter__(self) -> "CheckpointReader":
