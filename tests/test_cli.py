@@ -127,7 +127,7 @@ def test_bad_recipe_files(tmp_path):
 def test_interrupted_run_leaves_nothing(llava_triple, tmp_path, monkeypatch, capsys):
     """An interrupt in the middle of streaming leaves neither OUT nor a temporary directory."""
     calls = {"n": 0}
-    real = engine.merge_rows
+    real = engine.merge_entry
 
     def interrupt_midway(*a, **k):
         calls["n"] += 1
@@ -135,7 +135,7 @@ def test_interrupted_run_leaves_nothing(llava_triple, tmp_path, monkeypatch, cap
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(engine, "merge_rows", interrupt_midway)
+    monkeypatch.setattr(engine, "merge_entry", interrupt_midway)
     t = llava_triple
     code = cli.main(["inject", str(t.vlm), str(t.expert), "--base", str(t.base), "-o", str(tmp_path / "out"), "-q"])
     assert code == 130 and calls["n"] == 10

@@ -7,6 +7,7 @@ model size, and wall time approaches the time to read the inputs once and write 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import time
 from collections import deque
@@ -23,7 +24,23 @@ from .mapping.plan import Entry, Plan
 from .methods import Method
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base
+UNRELATED_DELTA = 0.7
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameter numbers (glibc malloc.h)  # relative delta norm above which weights look unrelated to the base
+
+
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep freed tensor memory for reuse instead of unmapping it after every tensor.
+
+    Each large tensor otherwise gets fresh pages from the kernel, and zeroing them in page
+    faults costs more than the merge arithmetic (measured: a 46 MB float32 op 40 ms -> 18 ms).
+    No effect on other C libraries.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)  # large blocks from the heap, where they are reused
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # keep freed heap memory instead of trimming it
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -67,44 +84,120 @@ class Loaded:
     experts: list[torch.Tensor] = field(default_factory=list)
 
 
+CHUNK_ELEMENTS = 1 << 22  # row blocks of elementwise merges: 4M entries, 16 MB per float32 operand
+
+
+@dataclass
+class Norms:
+    """Sums of squares gathered while merging one tensor (over its merged rows, block by block)."""
+
+    vlm: float = 0.0
+    base: float = 0.0
+    change: float = 0.0
+    deltas: list[float] = field(default_factory=list)
+
+    def add(self, other: "Norms") -> None:
+        self.vlm += other.vlm
+        self.base += other.base
+        self.change += other.change
+        self.deltas = [a + b for a, b in zip(self.deltas, other.deltas)] if self.deltas else list(other.deltas)
+
+    def rel_change(self) -> float:
+        return (self.change / self.vlm) ** 0.5 if self.vlm > 0 else 0.0
+
+    def rel_deltas(self) -> list[float]:
+        return [(d / self.base) ** 0.5 if self.base > 0 else float("inf") for d in self.deltas]
+
+
+def _sq(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t)) ** 2
+
+
 def _rel_norm(delta: torch.Tensor, ref: torch.Tensor) -> float:
     denom = float(torch.linalg.vector_norm(ref))
     return float(torch.linalg.vector_norm(delta)) / denom if denom > 0 else float("inf")
 
 
-def merge_rows(loaded: Loaded, s: MergeSettings, device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Merge one tensor under the one formula; returns the merged rows (float32) and per-tensor stats.
+def combine_block(
+    v: torch.Tensor,
+    b: torch.Tensor | None,
+    taus: list[torch.Tensor],
+    s: MergeSettings,
+    multiplier: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, float]:
+    """The one formula on float32 blocks; returns theta_out and ||theta_out - theta_V||^2.
 
     inject:    theta_V + M({(tau_E, lambda_E, d_E)})
     symmetric: theta_B + M({(tau_V, w_V, d_V)} + {(tau_E, lambda_E, d_E)})
-    interp methods (no base): M(theta_V, theta_E...)
+    interp methods (no base; ``taus`` then holds the experts' weights): M(theta_V, theta_E...)
+    The method may modify ``taus`` in place.
     """
-    e = loaded.entry
-    r = e.rows
-    v = (loaded.vlm[:r] if r is not None else loaded.vlm).to(device, torch.float32)
-    experts = [x.to(device, torch.float32) for x in loaded.experts]
-    m = s.multiplier(e)
-    scales = [lam * m for lam in s.scales]
-    gen = None
-    if s.method.stochastic:
-        gen = torch.Generator()  # on the CPU: the same masks whatever device computes the merge
-        gen.manual_seed(tensor_seed(s.seed, e.name))
-    stats: dict[str, Any] = {}
+    scales = [lam * multiplier for lam in s.scales]
     if s.method.kind == "interp":
-        out = s.method.fn([v, *experts], [s.vlm_weight, *scales], generator=gen, **s.params)
-        return out, stats
-    assert loaded.base is not None
-    b = loaded.base.to(device, torch.float32)
-    taus = [x - b for x in experts]
-    stats["rel_delta_norm"] = [_rel_norm(t, b) for t in taus]
+        out = s.method.fn([v, *taus], [s.vlm_weight, *scales], generator=generator, **s.params)
+        return out, _sq(out - v)
+    assert b is not None
     if s.mode == "inject":
-        out = v + s.method.fn(taus, scales, s.densities, generator=gen, **s.params)
-    else:
-        deltas = [v - b, *taus]
-        out = b + s.method.fn(
-            deltas, [s.vlm_weight * m, *scales], [s.vlm_density, *s.densities], generator=gen, **s.params
-        )
-    return out, stats
+        delta = s.method.fn(taus, scales, s.densities, generator=generator, **s.params)
+        change = _sq(delta)
+        return delta.add_(v), change
+    out = s.method.fn(
+        [v - b, *taus], [s.vlm_weight * multiplier, *scales], [s.vlm_density, *s.densities],
+        generator=generator, **s.params,
+    ).add_(b)
+    return out, _sq(out - v)
+
+
+def block_generator(s: MergeSettings, name: str, index: int) -> torch.Generator | None:
+    """The seeded generator of row block ``index`` of tensor ``name`` (None for deterministic methods).
+
+    It lives on the CPU, so masks are the same whatever device computes the merge; block 0 is
+    keyed by the tensor name alone.
+    """
+    if not s.method.stochastic:
+        return None
+    gen = torch.Generator()
+    gen.manual_seed(tensor_seed(s.seed, name if index == 0 else f"{name}#{index}"))
+    return gen
+
+
+def row_blocks(entry: Entry, elementwise: bool) -> list[Any]:
+    """Index expressions covering the merged rows: row blocks for elementwise methods, else one."""
+    if not entry.shape:
+        return [...]
+    n = entry.rows if entry.rows is not None else entry.shape[0]
+    if not elementwise:
+        return [slice(0, n)]
+    per_row = 1
+    for d in entry.shape[1:]:
+        per_row *= d
+    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def merge_entry(
+    loaded: "Loaded", s: MergeSettings, device: torch.device, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, Norms]:
+    """Merge one tensor, block by block, into a new CPU tensor of ``out_dtype``; VLM-only rows copied."""
+    e = loaded.entry
+    m = s.multiplier(e)
+    out = torch.empty(e.shape, dtype=out_dtype)
+    norms = Norms()
+    for i, blk in enumerate(row_blocks(e, s.method.elementwise)):
+        v = loaded.vlm[blk].to(device, torch.float32)
+        b = loaded.base[blk].to(device, torch.float32) if loaded.base is not None else None
+        taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
+        part = Norms(vlm=_sq(v))
+        if b is not None:
+            taus = [t.sub_(b) for t in taus]
+            part.base, part.deltas = _sq(b), [_sq(t) for t in taus]
+        merged, part.change = combine_block(v, b, taus, s, m, block_generator(s, e.name, i))
+        out[blk].copy_(merged)
+        norms.add(part)
+    if e.row_sliced:  # the VLM-only rows (image tokens) are copied as they are
+        out[e.rows :].copy_(loaded.vlm[e.rows :])
+    return out, norms
 
 
 def _load(plan: Plan, entry: Entry) -> Loaded:
@@ -117,18 +210,37 @@ def _load(plan: Plan, entry: Entry) -> Loaded:
     return Loaded(entry, vlm, base, experts)
 
 
-def _prefetch(plan: Plan, entries: Iterable[Entry], pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[Loaded]:
+PREFETCH_BYTES = 256 * 2**20  # read ahead while the tensors already in flight hold less than this
+
+
+def _input_bytes(plan: Plan, e: Entry) -> int:
+    n = plan.vlm.reader.nbytes(e.name)
+    if e.action == "merge":
+        n += sum(ck.reader.nbytes(x) for ck, x in zip(plan.experts, e.expert_names))
+        if plan.base is not None and e.base_name:
+            n += plan.base.reader.nbytes(e.base_name)
+    return n
+
+
+def _prefetch(plan: Plan, entries: Iterable[Entry], pool: ThreadPoolExecutor) -> Iterator[Loaded]:
+    """Load entries in a background thread, ahead of use, within a read-ahead byte budget.
+
+    Small tensors are read several ahead; a large one (an embedding) is read alone, so peak
+    memory is bounded by the largest tensor, not by the read-ahead depth.
+    """
     it = iter(entries)
-    pending: deque[Future[Loaded]] = deque()
-    for e in it:
-        pending.append(pool.submit(_load, plan, e))
-        if len(pending) >= depth:
-            break
-    while pending:
-        ready = pending.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(_load, plan, nxt))
+    pending: deque[tuple[Future[Loaded], int]] = deque()
+    in_flight = 0
+    nxt = next(it, None)
+    while nxt is not None or pending:
+        while nxt is not None and (not pending or in_flight + _input_bytes(plan, nxt) <= PREFETCH_BYTES):
+            size = _input_bytes(plan, nxt)
+            pending.append((pool.submit(_load, plan, nxt), size))
+            in_flight += size
+            nxt = next(it, None)
+        future, size = pending.popleft()
+        ready = future.result()
+        in_flight -= size
         yield ready
 
 
@@ -178,6 +290,7 @@ def run(
 ) -> RunStats:
     """Stream every plan entry through the merge into ``writer``; returns per-tensor statistics."""
     dev = torch.device(device)
+    reuse_freed_memory()
     start = time.perf_counter()
     per_tensor: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
@@ -194,12 +307,7 @@ def run(
                 if e.action == "copy":
                     out = loaded.vlm if loaded.vlm.dtype == out_dtype else loaded.vlm.to(out_dtype)
                 else:
-                    rows, stats = merge_rows(loaded, settings, dev)
-                    if e.rows is not None and e.rows < e.shape[0]:
-                        full = loaded.vlm.to(dev, torch.float32).clone()
-                        full[: e.rows] = rows
-                        rows = full
-                    out = rows.to(out_dtype).cpu()
+                    out, norms = merge_entry(loaded, settings, dev, out_dtype)
                     info.update(
                         lm_name=e.lm_name,
                         expert_name=e.expert_names[0] if e.expert_names else None,
@@ -208,10 +316,9 @@ def run(
                         rows=[0, e.rows] if e.rows is not None else None,
                         multiplier=settings.multiplier(e),
                     )
-                    if "rel_delta_norm" in stats:
-                        info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) for x in stats["rel_delta_norm"])))
-                    vf = loaded.vlm.float()
-                    info["rel_change"] = round(_rel_norm(out.float() - vf, vf), 6)
+                    if norms.deltas:
+                        info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) for x in norms.rel_deltas())))
+                    info["rel_change"] = round(norms.rel_change(), 6)
                 per_tensor[e.name] = info
                 if last_write is not None:
                     last_write.result()
