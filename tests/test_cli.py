@@ -154,3 +154,13 @@ def test_unrelated_expert_warns_but_merges(llava_triple, tmp_path):
 def test_methods_listing():
     p = run_cli("methods")
     assert p.returncode == 0 and "dare_ties" in p.stdout and "Yadav" in p.stdout
+
+
+def test_exclude_and_schedule_flags(llava_triple, tmp_path):
+    t = llava_triple
+    p = run_cli("inject", t.vlm, t.expert, "--base", t.base, "--exclude", "embed,lm_head", "--scale", "0,1", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "2 excluded (embed) by exclude filter" not in p.stdout  # one embed, one head
+    assert "excluded (embed) by exclude filter" in p.stdout and "excluded (lm_head) by exclude filter" in p.stdout
+    p = run_cli("inject", t.vlm, t.expert, "--base", t.base, "--scale", "0,1,x", "-o", tmp_path / "o")
+    assert_user_error(p, "comma-separated numbers")

@@ -207,3 +207,40 @@ def test_dry_run_plan_reads_no_weights(llava_triple, monkeypatch):
     monkeypatch.setattr(CheckpointReader, "get_rows", boom)
     plan = plan_only(_recipe(llava_triple))
     assert plan.counts()["merged"] == 21 and plan.n_layers == 2
+
+
+def test_exclude_keeps_embeddings_and_head_from_the_vlm(llava_triple, tmp_path):
+    res = inject(_recipe(llava_triple, exclude=["embed", "lm_head"]), tmp_path / "out", progress=False)
+    got, v = load_weights(res.out_dir), load_weights(llava_triple.vlm)
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        assert torch.equal(got[name], v[name])
+        assert res.report["tensors"][name]["reason"].startswith("excluded")
+    assert not torch.equal(got["language_model.model.layers.0.mlp.up_proj.weight"], v["language_model.model.layers.0.mlp.up_proj.weight"])
+    assert res.report["exclude"] == ["embed", "lm_head"] and res.report["counts"]["merged"] == 19
+
+
+def test_regex_exclude_and_bad_regex(llava_triple, tmp_path):
+    from skillgraft.errors import SkillgraftError
+
+    res = inject(_recipe(llava_triple, exclude=[r"layers\.1\."]), tmp_path / "out", progress=False)
+    got, v = load_weights(res.out_dir), load_weights(llava_triple.vlm)
+    assert all(torch.equal(got[k], v[k]) for k in v if ".layers.1." in k)
+    with pytest.raises(SkillgraftError, match="neither a module kind"):
+        inject(_recipe(llava_triple, exclude=["layers.(1"]), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_layer_schedule_and_layerswap(llava_triple, tmp_path):
+    """A [0, 1] schedule over 2 layers: layer 0 and the embedding stay the VLM's, layer 1 gets full TA.
+    Layerswap with first_k=1 keeps layer 0 and the embedding, merges the rest."""
+    v, b, e = (load_weights(p) for p in (llava_triple.vlm, llava_triple.base, llava_triple.expert))
+    ta = _expected_ta(v, b, e, 1.0)
+    sched = inject(_recipe(llava_triple, schedule=[0.0, 1.0]), tmp_path / "sched", progress=False)
+    swap = inject(_recipe(llava_triple, method="layerswap", parameters={"first_k": 1, "last_k": 0}),
+                  tmp_path / "swap", progress=False)
+    for res in (sched, swap):
+        got = load_weights(res.out_dir)
+        for k in v:
+            kept = ".layers.0." in k or "embed_tokens" in k or not k.startswith("language_model")
+            want = v[k] if kept else ta[k]
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6, msg=k)

@@ -25,6 +25,7 @@ from .io.writer import ShardedWriter, parse_size
 from .mapping.plan import Plan, build_plan
 from .methods import METHODS
 from .recipe import Recipe
+from .schedule import is_excluded, module_kind, validate_exclude
 from .report import build_report, model_card, write_json
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -61,10 +62,15 @@ def check_device(device: str) -> str:
 
 
 def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
+    """Method settings from a recipe, checked before any checkpoint is opened."""
     method = METHODS[recipe.method]
     warnings = []
+    densities = [e.density for e in recipe.experts]
+    counted = densities if method.kind == "delta" and recipe.mode == "inject" else [recipe.vlm_density, *densities]
     try:
         params = method.resolve_params(recipe.parameters)
+        method.check(counted, params)
+        validate_exclude(recipe.exclude)
     except ValueError as e:
         raise SkillgraftError(str(e)) from None
     if method.needs_base and recipe.base is None:
@@ -78,13 +84,21 @@ def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
         params=params,
         mode=recipe.mode,
         scales=[e.scale for e in recipe.experts],
-        densities=[e.density for e in recipe.experts],
+        densities=densities,
         vlm_weight=recipe.vlm_weight,
         vlm_density=recipe.vlm_density,
         seed=recipe.seed,
         dtype=recipe.dtype,
+        schedule=recipe.schedule,
     )
     return settings, warnings
+
+
+def _exclusion(exclude: list[str]):
+    """The plan's filter: a reason string for LM-relative names kept from the VLM, else None."""
+    if not exclude:
+        return lambda rel: None
+    return lambda rel: f"excluded ({module_kind(rel)}) by exclude filter" if is_excluded(rel, exclude) else None
 
 
 def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) -> Prepared:
@@ -104,10 +118,16 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
         readers["vlm"],
         [(lbl, readers[lbl]) for lbl in labels],
         readers["base"] if use_base else None,
+        excluded=_exclusion(recipe.exclude),
         allow_unmatched=allow_unmatched,
     )
-    if recipe.exclude:
-        raise SkillgraftError("exclude filters are not available in this build")
+    settings.n_layers = plan.n_layers
+    try:
+        for e in plan.entries:  # schedules and layer rules are checked against the real depth
+            if e.action == "merge":
+                settings.expert_weights(e)
+    except ValueError as err:
+        raise SkillgraftError(str(err)) from None
     return Prepared(recipe, plan, settings, paths, warnings + plan.warnings)
 
 

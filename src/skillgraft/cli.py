@@ -43,9 +43,14 @@ def _add_inject(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base LLM both derive from (needed by every task-vector method)")
     p.add_argument("--recipe", help="YAML recipe (several experts, per-expert scale/density); replaces VLM EXPERT")
     p.add_argument("--method", choices=sorted(METHODS), help="merge method (default ta)")
-    p.add_argument("--scale", type=float, help="lambda: weight of the expert's task vector (default 1.0)")
+    p.add_argument("--scale", type=_floats, help="lambda: weight of the expert's task vector (default 1.0); "
+                   "a comma list is a per-layer schedule, e.g. 0,1,1,0.5")
     p.add_argument("--density", type=float, help="fraction kept by dare/ties (default 1.0)")
     p.add_argument("--mode", choices=["inject", "symmetric"], help="inject (default): VLM kept whole")
+    p.add_argument("--exclude", action="append", default=[], metavar="KINDS",
+                   help="keep these LM modules from the VLM: attention, mlp, norm, embed, lm_head or a regex "
+                   "on LM-relative names; comma-separated, repeatable (e.g. --exclude embed,lm_head)")
+    p.add_argument("--schedule", type=_floats, help="multiplier of the scale over the decoder depth, e.g. 0,1,1,0")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter, repeatable")
     p.add_argument("--seed", type=int, help="seed for random methods (default 0)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="output dtype (default: the VLM's)")
@@ -57,6 +62,15 @@ def _add_inject(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_inject)
+
+
+def _floats(text: str) -> float | list[float]:
+    """``0.8`` -> 0.8; ``0,1,1,0.5`` -> a schedule."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -78,6 +92,11 @@ def recipe_from_args(args: argparse.Namespace):
         if v is not None
     }
     params = dict(_parse_param(p) for p in args.param)
+    exclude = [x.strip() for item in args.exclude for x in item.split(",") if x.strip()]
+    if exclude:
+        overrides["exclude"] = exclude
+    if args.schedule is not None:
+        overrides["schedule"] = args.schedule if isinstance(args.schedule, list) else [args.schedule]
     if args.recipe:
         if args.vlm or args.expert:
             raise SkillgraftError("give either --recipe or VLM EXPERT, not both")

@@ -11,7 +11,7 @@ import ctypes
 import hashlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .io.writer import ShardedWriter, TensorSpec
 from .mapping.plan import Entry, Plan
 from .methods import Method
+from .schedule import effective_weights
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNRELATED_DELTA = 0.7
@@ -67,13 +68,20 @@ class MergeSettings:
     method: Method
     params: dict[str, Any]
     mode: str  # "inject" | "symmetric"
-    scales: list[float]
+    scales: list[float | list[float]]  # per expert: a number or a per-layer schedule
     densities: list[float]
     vlm_weight: float = 1.0
     vlm_density: float = 1.0
     seed: int = 0
     dtype: str = "auto"
-    multiplier: Callable[[Entry], float] = field(default=lambda e: 1.0)
+    schedule: list[float] | None = None  # recipe-wide multiplier schedule over the decoder depth
+    n_layers: int = 0
+
+    def expert_weights(self, entry: Entry) -> list[float]:
+        """The experts' weights for this tensor: scales x schedules x the method's layer rule."""
+        return effective_weights(
+            self.method, self.params, entry.lm_name or entry.name, self.n_layers, self.scales, self.schedule
+        )
 
 
 @dataclass
@@ -123,7 +131,7 @@ def combine_block(
     b: torch.Tensor | None,
     taus: list[torch.Tensor],
     s: MergeSettings,
-    multiplier: float,
+    weights: list[float],
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, float]:
     """The one formula on float32 blocks; returns theta_out and ||theta_out - theta_V||^2.
@@ -131,19 +139,19 @@ def combine_block(
     inject:    theta_V + M({(tau_E, lambda_E, d_E)})
     symmetric: theta_B + M({(tau_V, w_V, d_V)} + {(tau_E, lambda_E, d_E)})
     interp methods (no base; ``taus`` then holds the experts' weights): M(theta_V, theta_E...)
-    The method may modify ``taus`` in place.
+    ``weights`` are the experts' (``MergeSettings.expert_weights``); the VLM's own weight is never
+    scheduled, so expert weights of 0 give back the VLM. The method may modify ``taus`` in place.
     """
-    scales = [lam * multiplier for lam in s.scales]
     if s.method.kind == "interp":
-        out = s.method.fn([v, *taus], [s.vlm_weight, *scales], generator=generator, **s.params)
+        out = s.method.fn([v, *taus], [s.vlm_weight, *weights], generator=generator, **s.params)
         return out, _sq(out - v)
     assert b is not None
     if s.mode == "inject":
-        delta = s.method.fn(taus, scales, s.densities, generator=generator, **s.params)
+        delta = s.method.fn(taus, weights, s.densities, generator=generator, **s.params)
         change = _sq(delta)
         return delta.add_(v), change
     out = s.method.fn(
-        [v - b, *taus], [s.vlm_weight * multiplier, *scales], [s.vlm_density, *s.densities],
+        [v - b, *taus], [s.vlm_weight, *weights], [s.vlm_density, *s.densities],
         generator=generator, **s.params,
     ).add_(b)
     return out, _sq(out - v)
@@ -181,7 +189,7 @@ def merge_entry(
 ) -> tuple[torch.Tensor, Norms]:
     """Merge one tensor, block by block, into a new CPU tensor of ``out_dtype``; VLM-only rows copied."""
     e = loaded.entry
-    m = s.multiplier(e)
+    weights = s.expert_weights(e)
     out = torch.empty(e.shape, dtype=out_dtype)
     norms = Norms()
     for i, blk in enumerate(row_blocks(e, s.method.elementwise)):
@@ -192,7 +200,7 @@ def merge_entry(
         if b is not None:
             taus = [t.sub_(b) for t in taus]
             part.base, part.deltas = _sq(b), [_sq(t) for t in taus]
-        merged, part.change = combine_block(v, b, taus, s, m, block_generator(s, e.name, i))
+        merged, part.change = combine_block(v, b, taus, s, weights, block_generator(s, e.name, i))
         out[blk].copy_(merged)
         norms.add(part)
     if e.row_sliced:  # the VLM-only rows (image tokens) are copied as they are
@@ -314,7 +322,7 @@ def run(
                         expert_names=dict(zip(labels, e.expert_names)),
                         base_name=e.base_name,
                         rows=[0, e.rows] if e.rows is not None else None,
-                        multiplier=settings.multiplier(e),
+                        weights=settings.expert_weights(e),
                     )
                     if norms.deltas:
                         info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) for x in norms.rel_deltas())))

@@ -25,7 +25,11 @@ class ExpertSpec(BaseModel):
 
     model: str = Field(description="checkpoint directory or hub id of the expert LLM")
     name: str | None = Field(default=None, description="label used in reports; defaults to the directory name")
-    scale: float = Field(default=1.0, description="lambda: weight of this expert's task vector")
+    scale: float | list[float] = Field(
+        default=1.0,
+        description="lambda: weight of this expert's task vector, or a per-layer schedule "
+        "(values spread evenly over the decoder depth and interpolated; N values for N layers = per layer)",
+    )
     density: float = Field(default=1.0, gt=0.0, le=1.0, description="fraction of the delta kept by sparsifying methods")
 
     @property
@@ -54,8 +58,21 @@ class Recipe(BaseModel):
     dtype: DType = "auto"
     exclude: list[str] = Field(
         default_factory=list,
-        description="LM module kinds (attention, mlp, norm, embed, lm_head) or regexes kept from the VLM",
+        description="LM module kinds (attention, mlp, norm, embed, lm_head) or regexes on LM-relative "
+        "names (e.g. 'layers\\.(0|1)\\.') whose tensors are kept from the VLM",
     )
+    schedule: list[float] | None = Field(
+        default=None,
+        description="multiplier of every expert's scale over the decoder depth (mergekit-gradient semantics)",
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _schedules_not_empty(cls, v: list[ExpertSpec]) -> list[ExpertSpec]:
+        for e in v:
+            if isinstance(e.scale, list) and not e.scale:
+                raise ValueError("a scale schedule needs at least one value")
+        return v
 
     @field_validator("method")
     @classmethod
