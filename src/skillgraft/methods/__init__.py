@@ -2,11 +2,35 @@
 
 Adding a method: write a small module with its function and a ``Method`` record, and list the
 record in ``_ALL`` below. Nothing registers itself at import time.
+
+Modes (chosen per recipe; the engine does the bookkeeping, the methods only see task vectors):
+
+- ``inject`` (default): ``theta_out = theta_V + M({(tau_E, lambda_E, p_E)})``. The VLM is kept whole;
+  only the experts' deltas are trimmed / dropped / elected.
+- ``symmetric``: ``theta_out = theta_B + M({(tau_V, w_V, p_V)} + {(tau_E, lambda_E, p_E)})``. The VLM's
+  delta is one more task vector, trimmed and elected like the experts (Bring-Reason-to-Vision,
+  DiM3-style merges, and every mergekit merge with the base model as ``base_model``).
+
+Worked example (one entry per position, TIES, density 0.5, weights 1, normalize off)::
+
+    theta_B = [0, 0, 0, 0]   tau_V = [ 4, -1,  2, 0.5]   tau_E = [-3, 2, 0.2, 1]
+
+    inject:    trim(tau_E) = [-3, 2, 0, 0]      (top 2 of 4 by magnitude)
+               elect over the one expert: every kept entry agrees
+               theta_out = theta_V + [-3, 2, 0, 0] = [1, 1, 2, 0.5]
+    symmetric: trim(tau_V) = [4, 0, 2, 0]     trim(tau_E) = [-3, 2, 0, 0]
+               elected sign of the sum [1, 2, 2, 0] -> [+, +, +, +]
+               agreeing: position 0 keeps only V's 4 (E's -3 disagrees), position 1 only E's 2
+               theta_out = theta_B + [4, 2, 2, 0] = [4, 2, 2, 0]
+
+In inject mode the VLM's own fine-tuning (its -1 and 0.5) survives untouched; in symmetric mode
+the VLM's small entries are trimmed away and, where the expert disagrees in sign, the larger mass
+wins (position 0: the VLM's 4 beats the expert's -3).
 """
 
 from __future__ import annotations
 
-from . import dare, ta, ties
+from . import breadcrumbs, consensus, dare, della, interp, layerswap, model_stock, subspace, ta, ties
 from .base import Method, Param
 
 _ALL: tuple[Method, ...] = (
@@ -14,6 +38,17 @@ _ALL: tuple[Method, ...] = (
     ties.METHOD,
     dare.METHOD_LINEAR,
     dare.METHOD_TIES,
+    breadcrumbs.METHOD,
+    breadcrumbs.METHOD_TIES,
+    della.METHOD,
+    della.METHOD_LINEAR,
+    consensus.METHOD,
+    subspace.TSV,
+    subspace.ISO_C,
+    interp.LINEAR,
+    interp.SLERP,
+    model_stock.METHOD,
+    layerswap.METHOD,
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

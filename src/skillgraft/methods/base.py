@@ -63,6 +63,9 @@ class Method:
     paper: str
     stochastic: bool = False
     uses_density: bool = False
+    # True when each output entry depends only on the same entry of the inputs (and the generator):
+    # the engine may then merge a large tensor in row blocks, each with its own seeded generator.
+    elementwise: bool = False
     params: tuple[Param, ...] = field(default_factory=tuple)
     layer_rule: str | None = None
     min_deltas: int = 1

@@ -1,5 +1,15 @@
 """DARE (Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models
-as a Free Lunch"): random drop and rescale, then combine by TA (``dare``) or TIES (``dare_ties``)."""
+as a Free Lunch", ICML 2024): Drop And REscale, then combine by TA (``dare``) or TIES (``dare_ties``).
+
+Each entry of each task vector is dropped with probability ``1 - density`` and the kept entries are
+divided by ``density`` (``rescale=True``, the paper), so the expectation of the delta is the delta.
+Some older PEFT releases and at least one published VLM-merging script forget that rescale; the
+tests check it explicitly. mergekit 0.1.5's ``rescale: true`` is different: it rescales the dropped
+tensor to keep its L1 norm (``rescale="l1"`` here), which equals 1/density only in expectation.
+
+Randomness: one Bernoulli mask per task vector, drawn in order from the ``generator`` the engine
+seeds per (recipe seed, tensor name); ``torch.bernoulli`` is used so the stream matches PEFT's.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +17,19 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Method, Param, weighted_sum
-from .sparsify import dare_drop
+from .base import LAMBDA, Method, Param, check_no_params, pop_lambda, scaled, weighted_sum
+from .sparsify import RESCALE_CHOICES, dare_drop
 from .ties import NORMALIZE, SIGN_FROM, elect_and_merge
 
 Tensor = torch.Tensor
 
-RESCALE = Param("rescale", True, "divide kept entries by density so the delta's expectation is unchanged")
+RESCALE = Param(
+    "rescale",
+    True,
+    "true: divide kept entries by density (the paper, PEFT); 'l1'/'l2'/'linf': rescale the dropped tensor "
+    "to keep that norm (mergekit 0.1.5 uses 'l1'); false: no rescale",
+    choices=RESCALE_CHOICES,
+)
 
 
 def dare_linear(
@@ -22,11 +38,14 @@ def dare_linear(
     densities: Sequence[float],
     *,
     generator: torch.Generator | None = None,
-    rescale: bool = True,
+    rescale: bool | str = True,
+    **params: object,
 ) -> Tensor:
-    """Drop each entry with probability 1-density (rescaled by 1/density), then sum lambda_k * tau_k."""
+    """Drop each entry with probability 1-density (rescaled), then ``lambda * sum_k w_k * tau_k``."""
+    lam = pop_lambda(params)
+    check_no_params("dare_linear", params)
     dropped = [dare_drop(d, p, generator, rescale) for d, p in zip(deltas, densities)]
-    return weighted_sum(dropped, weights)
+    return scaled(weighted_sum(dropped, weights), lam)
 
 
 def dare_ties(
@@ -35,13 +54,16 @@ def dare_ties(
     densities: Sequence[float],
     *,
     generator: torch.Generator | None = None,
-    rescale: bool = True,
+    rescale: bool | str = True,
     sign_from: str = "weighted",
-    normalize: bool = False,
+    normalize: bool | str = False,
+    **params: object,
 ) -> Tensor:
     """DARE drop-and-rescale, then TIES sign election and merge of the agreeing entries."""
+    lam = pop_lambda(params)
+    check_no_params("dare_ties", params)
     dropped = [dare_drop(d, p, generator, rescale) for d, p in zip(deltas, densities)]
-    return elect_and_merge(dropped, weights, sign_from=sign_from, normalize=normalize)
+    return scaled(elect_and_merge(dropped, weights, sign_from=sign_from, normalize=normalize), lam)
 
 
 METHOD_LINEAR = Method(
@@ -49,10 +71,12 @@ METHOD_LINEAR = Method(
     kind="delta",
     fn=dare_linear,
     summary="DARE: random drop with rescale, then Task Arithmetic",
-    paper="Yu et al. 2024, Language Models are Super Mario",
+    paper="Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
+    "as a Free Lunch (ICML 2024)",
     stochastic=True,
     uses_density=True,
-    params=(RESCALE,),
+    elementwise=True,
+    params=(RESCALE, LAMBDA),
 )
 
 METHOD_TIES = Method(
@@ -60,8 +84,9 @@ METHOD_TIES = Method(
     kind="delta",
     fn=dare_ties,
     summary="DARE drop with rescale, then TIES sign election",
-    paper="Yu et al. 2024, Language Models are Super Mario",
+    paper=METHOD_LINEAR.paper,
     stochastic=True,
     uses_density=True,
-    params=(RESCALE, SIGN_FROM, NORMALIZE),
+    elementwise=True,
+    params=(RESCALE, SIGN_FROM, NORMALIZE, LAMBDA),
 )

@@ -35,65 +35,171 @@ def keep_count(n: int, density: float) -> int:
     return max(1, int(density * n))
 
 
-def _kth_largest_mask(a: Tensor, k: int) -> Tensor:
-    """Bool mask (flat) of the ``k`` largest entries of the 1-D non-negative ``a``; ties by position."""
-    n = a.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=a.device)
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=a.device)
-    thr = None
-    if n > _EXACT_BELOW:
-        thr = _banded_threshold(a, k)
-    if thr is None:
-        # k-th largest == (n-k+1)-th smallest
-        thr = torch.kthvalue(a, n - k + 1).values
-    gt = a > thr
-    need = k - int(gt.sum())
-    if need > 0:
-        eq = a == thr
-        n_eq = int(eq.sum())
-        if n_eq > need:
-            idx = eq.nonzero().flatten()[need:]
-            eq[idx] = False
-        gt |= eq
-    return gt
+CHUNK = 1 << 22  # entries per streamed chunk: 16 MB float32 temporaries, reused from the heap
 
 
-def _banded_threshold(a: Tensor, k: int) -> Tensor | None:
-    """The exact k-th largest value of ``a`` via a sampled band; None if the band missed it."""
-    n = a.numel()
-    step = max(1, n // _SAMPLE)
-    # offset the stride start so that rows of a matrix are not always sampled at column 0
-    sample = a[step // 2 :: step]
-    m = sample.numel()
-    q = 1.0 - k / n  # fraction of entries below the threshold
-    margin = 6.0 / math.sqrt(m) + 2.0 / m
-    lo_rank = max(1, min(m, int(math.floor((q - margin) * m))))
-    hi_rank = max(1, min(m, int(math.ceil((q + margin) * m)) + 1))
-    lo = torch.kthvalue(sample, lo_rank).values if q - margin > 0 else None
-    hi = torch.kthvalue(sample, hi_rank).values if q + margin < 1 else None
-    above = a > hi if hi is not None else None
-    c_hi = int(above.sum()) if above is not None else 0
-    if c_hi > k:
+def chunk_slices(n: int, chunk: int = CHUNK) -> list[slice]:
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)] or [slice(0, 0)]
+
+
+class TopK:
+    """Exact selection of the ``k`` largest entries of ``|x|`` (ties broken by position), streamed.
+
+    The threshold is found without sorting and without a tensor-sized temporary: a strided sample
+    brackets it, one chunked pass counts the entries above the upper bracket and gathers the thin
+    band between the brackets, and ``kthvalue`` on that band gives the exact k-th largest
+    magnitude (a full ``kthvalue`` is the fallback if the sample missed). ``mask(abs_chunk)`` then
+    yields the keep-mask chunk by chunk; it must be called on consecutive chunks in order, because
+    entries equal to the threshold are kept first-come.
+    """
+
+    def __init__(self, x: Tensor, k: int):
+        flat = x.reshape(-1)
+        self.n = n = flat.numel()
+        self.k = k
+        self.all = k >= n
+        self.none = k <= 0
+        self.thr: Tensor | None = None
+        self.eq_left = 0  # entries equal to thr still to keep, in position order
+        self.simple = True  # every entry equal to thr is kept: mask = |x| >= thr
+        if self.all or self.none:
+            return
+        thr, n_gt, n_eq = None, 0, 0
+        if n > _EXACT_BELOW:
+            found = self._banded(flat, k)
+            if found is not None:
+                thr, n_gt, n_eq = found
+        if thr is None:
+            a = flat.abs()
+            thr = torch.kthvalue(a, n - k + 1).values
+            n_gt = int(torch.count_nonzero(a > thr))
+            n_eq = int(torch.count_nonzero(a == thr))
+            del a
+        self.thr = thr
+        self.eq_left = k - n_gt
+        self.simple = self.eq_left == n_eq
+
+    @staticmethod
+    def _banded(flat: Tensor, k: int) -> tuple[Tensor, int, int] | None:
+        n = flat.numel()
+        step = max(1, n // _SAMPLE)
+        sample = flat[step // 2 :: step].abs()
+        m = sample.numel()
+        q = 1.0 - k / n  # fraction of entries below the threshold
+        margin = 6.0 / math.sqrt(m) + 2.0 / m
+        lo = torch.kthvalue(sample, max(1, min(m, int(math.floor((q - margin) * m))))).values if q - margin > 0 else None
+        hi = torch.kthvalue(sample, max(1, min(m, int(math.ceil((q + margin) * m)) + 1))).values if q + margin < 1 else None
+        c_hi = 0
+        cands = []
+        for sl in chunk_slices(n):
+            a = flat[sl].abs()
+            if hi is not None:
+                c_hi += int(torch.count_nonzero(a > hi))
+                band = a <= hi
+                if lo is not None:
+                    band &= a >= lo
+                cands.append(a[band])
+            elif lo is not None:
+                cands.append(a[a >= lo])
+            else:
+                cands.append(a)
+        if c_hi > k:
+            return None
+        cand = torch.cat(cands)
+        need = k - c_hi
+        if need > cand.numel() or need <= 0:
+            return None
+        thr = torch.kthvalue(cand, cand.numel() - need + 1).values
+        n_gt = c_hi + int(torch.count_nonzero(cand > thr))
+        n_eq = int(torch.count_nonzero(cand == thr))
+        return thr, n_gt, n_eq
+
+    def mask(self, a: Tensor) -> Tensor:
+        """Keep-mask of the next chunk, given its absolute values ``a``."""
+        if self.all:
+            return torch.ones_like(a, dtype=torch.bool)
+        if self.none:
+            return torch.zeros_like(a, dtype=torch.bool)
+        if self.simple:
+            return a >= self.thr
+        keep = a > self.thr
+        if self.eq_left > 0:
+            eq = a == self.thr
+            n_eq = int(torch.count_nonzero(eq))
+            if n_eq <= self.eq_left:
+                keep |= eq
+                self.eq_left -= n_eq
+            elif n_eq:
+                idx = eq.reshape(-1).nonzero().flatten()[: self.eq_left]
+                keep.view(-1)[idx] = True
+                self.eq_left = 0
+        return keep
+
+
+class Trim:
+    """Streamed magnitude trim of one task vector: ``top`` keeps the largest ``keep`` entries;
+    with ``drop_top`` > 0 the largest ``drop_top`` of those are removed again (Breadcrumbs)."""
+
+    def __init__(self, x: Tensor, keep: int, drop_top: int = 0):
+        self.keep = TopK(x, keep + drop_top)
+        self.drop = TopK(x, drop_top) if drop_top > 0 else None
+
+    def mask(self, a: Tensor) -> Tensor:
+        m = self.keep.mask(a)
+        if self.drop is not None:
+            m &= ~self.drop.mask(a)
+        return m
+
+
+def magnitude_trim(x: Tensor, density: float) -> Trim | None:
+    """The streamed TIES trim of ``x`` at ``density`` (None: nothing is trimmed)."""
+    if density >= 1.0:
         return None
-    band = a >= lo if lo is not None else torch.ones_like(a, dtype=torch.bool)
-    if above is not None:
-        band &= ~above
-    cand = a[band]
-    need = k - c_hi
-    if need > cand.numel():
+    return Trim(x, keep_count(x.numel(), density))
+
+
+def outlier_trim(x: Tensor, density: float, gamma: float) -> Trim | None:
+    """The streamed Model Breadcrumbs mask of ``x`` (None: nothing is removed).
+
+    Same counts as mergekit's ``magnitude_outliers``: ``int(density * n)`` entries are kept after
+    removing the ``int(gamma * n)`` largest, fewer outliers being removed when ``density + gamma > 1``.
+    """
+    if density >= 1.0:
         return None
-    return torch.kthvalue(cand, cand.numel() - need + 1).values
+    n = x.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    return Trim(x, target, n - target - n_bot)
+
+
+def trimmed_chunks(deltas, trims):
+    """Yield ``(slice, [chunk of trimmed delta k])`` over the flattened deltas, chunk by chunk.
+
+    Untrimmed deltas (trim None) yield views of the input; trimmed ones small new tensors.
+    """
+    flats = [d.reshape(-1) for d in deltas]
+    for sl in chunk_slices(flats[0].numel()):
+        out = []
+        for f, t in zip(flats, trims):
+            c = f[sl]
+            out.append(c if t is None else c * t.mask(c.abs()))
+        yield sl, out
+
+
+def _full_mask(x: Tensor, trim: Trim | None) -> Tensor:
+    if trim is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.bool, device=x.device)
+    for sl in chunk_slices(flat.numel()):
+        out[sl] = trim.mask(flat[sl].abs())
+    return out.view(x.shape)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     """Boolean mask keeping the ``keep_count(n, density)`` entries with largest |delta| (TIES trim)."""
-    n = delta.numel()
-    k = keep_count(n, density)
-    if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
-    return _kth_largest_mask(delta.abs().flatten(), k).view(delta.shape)
+    return _full_mask(delta, magnitude_trim(delta, density))
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
@@ -108,23 +214,8 @@ def magnitude_prune(delta: Tensor, density: float) -> Tensor:
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs mask: drop the ``gamma`` fraction of largest-|delta| entries and the smallest
-    ones, keeping ``int(density * n)`` entries in all.
-
-    Same counts as mergekit's ``magnitude_outliers``: ``n_top = int(gamma * n)`` largest are removed,
-    reduced when needed so that the kept count still reaches ``int(density * n)``.
-    """
-    n = delta.numel()
-    if density >= 1.0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    n_top = n - target - n_bot  # actually removed from the top
-    a = delta.abs().flatten()
-    keep = _kth_largest_mask(a, target + n_top)
-    if n_top > 0:
-        keep &= ~_kth_largest_mask(a, n_top)
-    return keep.view(delta.shape)
+    ones, keeping ``int(density * n)`` entries in all (see ``outlier_trim``)."""
+    return _full_mask(delta, outlier_trim(delta, density, gamma))
 
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
@@ -133,9 +224,12 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator | None
     Drawn as ``torch.bernoulli(full(density))``: the same stream PEFT's ``random_pruning`` and
     mergekit's ``bernoulli`` draw from the global generator, so a generator seeded like the global
     one reproduces their masks exactly.
+    The draw happens on the generator's device and the mask is then moved to the delta's, so the
+    engine's CPU generators give the same mask whether the merge runs on the CPU or a GPU.
     """
-    probs = torch.full(delta.shape, float(density), dtype=torch.float32, device=delta.device)
-    return torch.bernoulli(probs, generator=generator).to(torch.bool)
+    where = generator.device if generator is not None else delta.device
+    probs = torch.full(delta.shape, float(density), dtype=torch.float32, device=where)
+    return torch.bernoulli(probs, generator=generator).to(device=delta.device, dtype=torch.bool)
 
 
 def norm_of(x: Tensor, norm: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""Task Arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic")."""
+"""Task Arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR 2023)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Method, weighted_sum
+from .base import LAMBDA, Method, check_no_params, pop_lambda, scaled, weighted_sum
 
 
 def task_arithmetic(
@@ -15,9 +15,15 @@ def task_arithmetic(
     densities: Sequence[float],
     *,
     generator: torch.Generator | None = None,
+    **params: object,
 ) -> torch.Tensor:
-    """sum_k lambda_k * tau_k. Densities are ignored: TA never sparsifies."""
-    return weighted_sum(deltas, weights)
+    """``lambda * sum_k w_k * tau_k``. Densities are ignored: TA never sparsifies.
+
+    Same as mergekit's ``task_arithmetic`` (``normalize: false``) and PEFT's ``task_arithmetic``.
+    """
+    lam = pop_lambda(params)
+    check_no_params("task_arithmetic", params)
+    return scaled(weighted_sum(deltas, weights), lam)
 
 
 METHOD = Method(
@@ -25,5 +31,7 @@ METHOD = Method(
     kind="delta",
     fn=task_arithmetic,
     summary="Task Arithmetic: add the scaled task vectors",
-    paper="Ilharco et al. 2023, Editing Models with Task Arithmetic",
+    paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (ICLR 2023)",
+    elementwise=True,
+    params=(LAMBDA,),
 )

@@ -1,4 +1,25 @@
-"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models")."""
+"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023).
+
+Three steps per tensor: *trim* each task vector to its top-``density`` entries by magnitude, *elect*
+a sign per entry, *disjoint merge* the entries that agree with the elected sign.
+
+Choices that differ between the paper, mergekit and PEFT, all selectable and named:
+
+``sign_from`` -- what the elected sign is the sign of:
+  ``"weighted"`` (default; mergekit's ``consensus_method: sum``): ``sum_k w_k * trim(tau_k)``;
+  ``"unweighted"`` (PEFT's ``majority_sign_method="total"``, the paper's Eq.): ``sum_k trim(tau_k)``;
+  ``"count"`` (PEFT's ``"frequency"``, mergekit's ``count``): the majority of the signs.
+  With equal positive weights the first two agree. An entry "agrees" when its sign equals the
+  elected one (sign of ``w_k tau_k`` in weighted/count mode, of ``tau_k`` in unweighted mode).
+  Zeros never agree. A zero sum elects ``+``.
+
+``normalize`` -- what the sum of agreeing entries ``sum_k w_k tau_k [agree_k]`` is divided by:
+  ``False``/``"none"`` (default): nothing. One expert at scale lambda in inject mode then gives
+  ``theta_V + lambda * trim(tau)``, exactly like TA on the trimmed vector.
+  ``True``/``"weights"`` (mergekit's ``normalize: true``, its default for ``ties``): the summed
+  weights of the agreeing entries (1 where that sum is 0): the paper's disjoint mean, weighted.
+  ``"count"`` (PEFT's ``disjoint_merge``): the number of agreeing entries (at least 1).
+"""
 
 from __future__ import annotations
 
@@ -6,41 +27,80 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Method, Param
-from .sparsify import magnitude_prune
+from .base import LAMBDA, Method, Param, check_no_params, pop_lambda, scaled
+from .sparsify import Trim, magnitude_trim, trimmed_chunks
 
 Tensor = torch.Tensor
 
+SIGN_CHOICES = ("weighted", "unweighted", "count")
+NORMALIZE_CHOICES = (False, True, "none", "weights", "count")
+
+
+def _normalize_mode(normalize: bool | str) -> str:
+    if normalize is False or normalize is None or normalize == "none":
+        return "none"
+    if normalize is True or normalize == "weights":
+        return "weights"
+    if normalize == "count":
+        return "count"
+    raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, not {normalize!r}")
+
 
 def elect_and_merge(
-    deltas: Sequence[Tensor], weights: Sequence[float], sign_from: str = "weighted", normalize: bool = True
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    sign_from: str = "weighted",
+    normalize: bool | str = False,
 ) -> Tensor:
-    """TIES elect + disjoint merge of already-trimmed deltas.
+    """TIES elect + disjoint merge of already-trimmed deltas (see the module docstring for the modes).
 
-    The sign of each entry is the sign of the summed mass: of ``lambda_k * tau_k`` when
-    ``sign_from="weighted"`` (mergekit's choice) or of ``tau_k`` when ``"unweighted"`` (PEFT's).
-    Entries that agree with the elected sign are combined as ``sum lambda_k tau_k``; with
-    ``normalize`` the sum is divided by the sum of the weights of the agreeing entries (the
-    paper's disjoint mean, as mergekit does), otherwise it is left as a sum.
+    Works one task vector at a time (no stacking), so the extra memory is three tensors of the
+    output's size whatever the number of task vectors.
     """
-    weighted = torch.stack([d * float(w) for d, w in zip(deltas, weights)])
-    if sign_from == "weighted":
-        mass = weighted.sum(dim=0)
-    elif sign_from == "unweighted":
-        mass = torch.stack(list(deltas)).sum(dim=0)
+    if sign_from not in SIGN_CHOICES:
+        raise ValueError(f"sign_from must be one of {SIGN_CHOICES}, not {sign_from!r}")
+    mode = _normalize_mode(normalize)
+    ws = [float(w) for w in weights]
+    # signed view of each entry used for the vote and the agreement test
+    if sign_from == "unweighted":
+        signs = [1.0] * len(ws)
     else:
-        raise ValueError(f"sign_from must be 'weighted' or 'unweighted', not {sign_from!r}")
-    elected = torch.where(mass >= 0, 1.0, -1.0).to(weighted.dtype)
-    stacked = torch.stack(list(deltas))
-    agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    merged = (weighted * agree).sum(dim=0)
-    if not normalize:
-        return merged
-    w = torch.tensor([float(x) for x in weights], dtype=weighted.dtype, device=weighted.device)
-    w = w.view(-1, *([1] * (weighted.dim() - 1)))
-    divisor = (agree * w).sum(dim=0)
-    divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return merged / divisor
+        signs = [1.0 if w > 0 else (-1.0 if w < 0 else 0.0) for w in ws]
+
+    mass = torch.zeros_like(deltas[0])
+    for d, w, s in zip(deltas, ws, signs):
+        if sign_from == "count":
+            if s != 0.0:
+                mass.add_(torch.sign(d), alpha=s)
+        elif sign_from == "weighted":
+            if w != 0.0:
+                mass.add_(d, alpha=w)
+        else:
+            mass.add_(d)
+    positive = mass >= 0
+    del mass
+
+    merged = torch.zeros_like(deltas[0])
+    divisor = None if mode == "none" else torch.zeros_like(deltas[0])
+    for d, w, s in zip(deltas, ws, signs):
+        if s == 0.0:
+            continue  # a zero-weight entry has sign 0 in weighted/count mode: it never agrees
+        if s > 0:
+            agree = torch.where(positive, d > 0, d < 0)
+        else:
+            agree = torch.where(positive, d < 0, d > 0)
+        if w != 0.0:
+            merged.add_(d * agree, alpha=w)
+        if mode == "weights":
+            divisor.add_(agree, alpha=w)
+        elif mode == "count":
+            divisor.add_(agree)
+    if mode == "weights":
+        divisor[divisor == 0] = 1.0
+        merged.div_(divisor)
+    elif mode == "count":
+        merged.div_(divisor.clamp_(min=1.0))
+    return merged
 
 
 def ties(
@@ -50,19 +110,48 @@ def ties(
     *,
     generator: torch.Generator | None = None,
     sign_from: str = "weighted",
-    normalize: bool = False,
+    normalize: bool | str = False,
+    **params: object,
 ) -> Tensor:
     """Trim each delta to its top-``density`` entries by magnitude, elect signs, merge the agreeing ones."""
-    trimmed = [magnitude_prune(d, p) for d, p in zip(deltas, densities)]
-    return elect_and_merge(trimmed, weights, sign_from=sign_from, normalize=normalize)
+    lam = pop_lambda(params)
+    check_no_params("ties", params)
+    trims = [magnitude_trim(d, p) for d, p in zip(deltas, densities)]
+    return scaled(streamed_elect(deltas, trims, weights, sign_from, normalize), lam)
 
 
-SIGN_FROM = Param("sign_from", "weighted", "sign election on lambda*tau ('weighted', mergekit) or tau ('unweighted', PEFT)")
+def streamed_elect(
+    deltas: Sequence[Tensor],
+    trims: Sequence[Trim | None],
+    weights: Sequence[float],
+    sign_from: str = "weighted",
+    normalize: bool | str = False,
+) -> Tensor:
+    """``elect_and_merge`` of the trimmed deltas, computed chunk by chunk into one output tensor.
+
+    Only the output is tensor-sized; every temporary is one chunk (see ``sparsify.CHUNK``).
+    """
+    out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    flat = out.view(-1)
+    for sl, chunks in trimmed_chunks(deltas, trims):
+        flat[sl] = elect_and_merge(chunks, weights, sign_from=sign_from, normalize=normalize)
+    return out
+
+
+SIGN_FROM = Param(
+    "sign_from",
+    "weighted",
+    "sign election on the sum of w*tau ('weighted', mergekit), of tau ('unweighted', PEFT 'total', the "
+    "paper), or on the count of signs ('count', PEFT 'frequency')",
+    choices=SIGN_CHOICES,
+)
 NORMALIZE = Param(
     "normalize",
     False,
-    "divide by the summed weights of the agreeing entries (disjoint mean); off by default so that one "
-    "expert at scale lambda adds lambda*trim(tau), as in inject mode",
+    "divide the agreeing sum by nothing (false/'none'), by the summed weights of the agreeing entries "
+    "(true/'weights': mergekit, the paper's disjoint mean) or by their count ('count': PEFT); off by "
+    "default so that one expert at scale lambda adds lambda*trim(tau), as in inject mode",
+    choices=NORMALIZE_CHOICES,
 )
 
 METHOD = Method(
@@ -70,7 +159,7 @@ METHOD = Method(
     kind="delta",
     fn=ties,
     summary="TIES: trim by magnitude, elect sign, merge agreeing entries",
-    paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
+    paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models (NeurIPS 2023)",
     uses_density=True,
-    params=(SIGN_FROM, NORMALIZE),
+    params=(SIGN_FROM, NORMALIZE, LAMBDA),
 )
