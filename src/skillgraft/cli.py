@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_inject, _add_methods, _add_microworld):
         add(sub)
+    from .sweep.cli import add_parsers as add_sweep_parsers
+
+    add_sweep_parsers(sub, _Parser)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""``skillgraft sweep`` and ``skillgraft report``: registered on the main parser by ``add_parsers``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import SkillgraftError
+
+
+def add_parsers(sub: argparse._SubParsersAction, parser_class: type | None = None) -> None:
+    """Register the ``sweep`` and ``report`` subcommands on ``sub`` (the main parser's subparsers)."""
+    # ``parser_class`` is accepted for symmetry with the main CLI; subparsers already use the class the
+    # main parser gave ``add_subparsers``
+    p = sub.add_parser(
+        "sweep",
+        help="search merge hyperparameters (scale, density, method) for a VLM/expert pair",
+        description="Score many merges of EXPERT into VLM and find the Goldilocks zone. Example: "
+        "skillgraft sweep VLM EXPERT --base BASE --vary scale=0:1.5:0.1 --vary density=0.1,0.3,0.5,1.0 "
+        "--method ta,dare,ties --eval microworld -o SWEEP. Rerunning the same command on SWEEP resumes it.",
+    )
+    p.add_argument("vlm", nargs="?", help="VLM checkpoint directory")
+    p.add_argument("expert", nargs="?", help="expert LLM checkpoint directory")
+    p.add_argument("--base", help="base LLM both derive from")
+    p.add_argument("--recipe", help="YAML recipe (several experts); replaces VLM EXPERT; vary scale.LABEL per expert")
+    p.add_argument("--method", default="ta", help="comma-separated methods to compare (default ta)")
+    p.add_argument("--vary", action="append", default=[], metavar="NAME=SPEC",
+                   help="a varied quantity: scale=0:1.5:0.1 (range, ends included), density=0.1,0.5,1 (list), "
+                   "scale=0:2 (continuous; random/optuna); names: scale, density, seed, scale.LABEL, density.LABEL, "
+                   "param.NAME. Repeatable")
+    p.add_argument("--search", default="grid", choices=["grid", "random", "optuna"], help="search strategy (default grid)")
+    p.add_argument("--trials", type=int, help="number of trials for random/optuna (total, resumed runs included)")
+    p.add_argument("--search-seed", type=int, default=0, help="seed of the random/optuna search (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the random merge methods (default 0)")
+    p.add_argument("--mode", choices=["inject", "symmetric"], help="inject (default) or symmetric")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fixed method parameter")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=argparse.SUPPRESS)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", default="microworld", choices=["microworld", "jsonl", "command", "python"],
+                   help="evaluator (default microworld); python: your own scorer object from --eval-python")
+    g.add_argument("--scenarios", help="micro-world scenarios to score (default: all)")
+    g.add_argument("--limit", type=int, help="items per scenario / per file (default: all)")
+    g.add_argument("--eval-file", help="jsonl: the {image, question, answer} file")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="jsonl: answer length cap (default 32)")
+    g.add_argument("--prompt-template", default="{image} {question}",
+                   help="jsonl, for models without a chat template: the prompt ({image}: the image token)")
+    g.add_argument("--eval-command", help="command: template with {model} (merged checkpoint) and {out} (a fresh dir)")
+    g.add_argument("--eval-json", help="command: JSON file to read metrics from ({out} and globs allowed)")
+    g.add_argument("--eval-metric", action="append", default=[], metavar="NAME=PATH",
+                   help="command: a score NAME read at dotted PATH in the JSON (e.g. general=results.mme.acc); repeatable")
+    g.add_argument("--eval-python", metavar="MODULE:FACTORY",
+                   help="python: a factory returning an object with evaluate_dir(path) (and optionally "
+                   "evaluate_loaded(model, processor), supports_loaded=True)")
+    g.add_argument("--eval-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="python: keyword argument for the factory; repeatable")
+    g.add_argument("--target", help="comma-separated scenario(s) to maximise (default: the expert's skill)")
+    g.add_argument("--retain", help="scenario whose score must be retained (default general; 'none' to disable)")
+    g.add_argument("--min-retention", type=float, default=0.95, help="retain at least this fraction (default 0.95)")
+    r = p.add_argument_group("execution")
+    r.add_argument("--inplace", default="auto", choices=["auto", "always", "never"],
+                   help="auto (default): load the VLM once and apply points in memory when it fits and the evaluator "
+                   "can score a loaded model; never: merge each point to a temporary checkpoint")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--ray-address", help="run trials on a Ray cluster: auto or HOST:PORT")
+    r.add_argument("--ray-workers", type=int, help="Ray actors (default: cluster CPUs / --ray-cpus-per-trial)")
+    r.add_argument("--ray-cpus-per-trial", type=float, default=1.0)
+    r.add_argument("--ray-gpus-per-trial", type=float, default=0.0)
+    r.add_argument("--allow-unmatched", action="store_true", help="copy VLM LM tensors without an expert counterpart")
+    r.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    p.add_argument("-o", "--out", required=True, help="sweep directory (created; resumed when it holds a sweep)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines")
+    p.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="write report.md and plots for a sweep directory",
+                        description="Write SWEEP/report.md, its PNG plots and recommended_recipe.yaml from SWEEP/sweep.db.")
+    rp.add_argument("sweep_dir", help="a directory written by skillgraft sweep")
+    rp.set_defaults(func=cmd_report)
+
+
+def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
+    from ..api import check_device
+
+    check_device(args.device)
+    scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
+    if args.limit is not None and args.limit < 1:
+        raise SkillgraftError("--limit must be at least 1")
+    if args.eval == "microworld":
+        from ..evaluate.base import MicroworldEvaluator
+
+        ev = MicroworldEvaluator(scen, args.limit, args.device)
+        return ev.spec()
+    if args.eval == "jsonl":
+        if not args.eval_file:
+            raise SkillgraftError("--eval jsonl needs --eval-file FILE.jsonl")
+        from ..evaluate.jsonl import JsonlEvaluator
+
+        return JsonlEvaluator(args.eval_file, limit=args.limit, device=args.device,
+                              max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template).spec()
+    if args.eval == "python":
+        if not args.eval_python:
+            raise SkillgraftError("--eval python needs --eval-python MODULE:FACTORY")
+        from ..cli import _parse_param
+
+        opts = dict(_parse_param(o) for o in args.eval_option)
+        return {"kind": "python", "target": args.eval_python, "options": opts}
+    if not args.eval_command:
+        raise SkillgraftError("--eval command needs --eval-command 'TEMPLATE with {model}'")
+    from ..evaluate.command import CommandEvaluator
+
+    metrics = {}
+    for m in args.eval_metric:
+        if "=" not in m:
+            raise SkillgraftError(f"--eval-metric expects NAME=PATH, got {m!r}")
+        k, v = m.split("=", 1)
+        metrics[k.strip()] = v.strip()
+    return CommandEvaluator(args.eval_command, args.eval_json, metrics).spec()
+
+
+def build_config(args: argparse.Namespace):
+    from ..cli import recipe_from_args
+    from .objective import Objective, default_target
+    from .runner import SweepConfig
+    from .space import build_space
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise SkillgraftError("--method: give at least one method")
+    from ..methods import METHODS
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SkillgraftError(f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}")
+    if args.search in ("random", "optuna") and not args.trials:
+        raise SkillgraftError(f"--search {args.search} needs --trials N")
+    from .. import cli as main_cli
+
+    # `inject`'s own defaults for every flag it knows, overlaid with the ones `sweep` shares with it
+    inject_args = vars(main_cli.build_parser().parse_args(["inject"]))
+    ns = argparse.Namespace(**{**inject_args, **{k: v for k, v in vars(args).items() if k in inject_args}})
+    ns.method, ns.scale, ns.density = methods[0], None, None
+    recipe = recipe_from_args(ns)
+    labels = [e.label for e in recipe.experts]
+    space = build_space(methods, args.vary, labels)
+    if args.trials is not None and args.trials < 1:
+        raise SkillgraftError("--trials must be at least 1")
+    spec = _evaluator_spec(args)
+    from ..evaluate.base import make_evaluator
+
+    ev = make_evaluator(spec)
+    if args.target:
+        target = [t.strip() for t in args.target.split(",") if t.strip()]
+    else:
+        target = ev.default_target() or (default_target([e.model for e in recipe.experts])
+                                         if spec["kind"] == "microworld" else None)
+        if not target:
+            raise SkillgraftError("give --target SCENARIO: the score to maximise (the expert's skill)")
+    if args.retain is None:
+        retain = ev.default_retain()
+    else:
+        retain = None if args.retain.lower() == "none" else args.retain
+    if not 0 < args.min_retention <= 1.5:
+        raise SkillgraftError("--min-retention must be a fraction such as 0.95")
+    objective = Objective(target, retain, args.min_retention)
+    return SweepConfig(
+        recipe=recipe, space=space, evaluator=spec, objective=objective, search=args.search, trials=args.trials,
+        search_seed=args.search_seed, inplace=args.inplace, device=args.device, ray_address=args.ray_address,
+        ray_workers=args.ray_workers, ray_cpus_per_trial=args.ray_cpus_per_trial,
+        ray_gpus_per_trial=args.ray_gpus_per_trial, allow_unmatched=args.allow_unmatched, report=not args.no_report,
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .analysis import load_results
+    from .report import REPORT, _summary_lines
+    from .runner import run_sweep
+
+    cfg = build_config(args)
+    try:
+        res = run_sweep(cfg, args.out, log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    except KeyboardInterrupt:
+        print(f"error: interrupted; every scored point is kept in {args.out}: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(f"{res.computed} point(s) scored, {res.reused} reused from {args.out}"
+          + (f", {res.failed} failed" if res.failed else "") + f" ({res.backend}, {res.seconds:.1f} s)")
+    for line in _summary_lines(load_results(args.out)):
+        print(line)
+    if cfg.report:
+        print(f"report: {Path(args.out) / REPORT}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis import load_results
+    from .report import _summary_lines, write_report
+
+    path = write_report(args.sweep_dir)
+    for line in _summary_lines(load_results(args.sweep_dir)):
+        print(line)
+    print(f"report: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The main ``skillgraft`` CLI with ``sweep`` and ``report`` registered (``python -m skillgraft.sweep.cli``)."""
+    from .. import cli as main_cli
+
+    original = main_cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = original()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "sweep" not in sub.choices:
+            add_parsers(sub, main_cli._Parser)
+        return parser
+
+    main_cli.build_parser = build
+    try:
+        return main_cli.main(argv)
+    finally:
+        main_cli.build_parser = original
+
+
+if __name__ == "__main__":
+    sys.exit(main())

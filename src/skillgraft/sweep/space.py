@@ -1,0 +1,196 @@
+"""The search space of a sweep: ``--vary NAME=SPEC`` dimensions and ``--method`` choices.
+
+A dimension is a list (``density=0.1,0.3,0.5,1.0``), a stepped range with both ends included
+(``scale=0:1.5:0.1`` is 16 points), or a continuous range (``scale=0:1.5``, random and Optuna
+search only). Names:
+
+- ``scale`` / ``density``: every expert's lambda / density; ``scale.LABEL`` / ``density.LABEL``
+  one expert's (LABEL as in the recipe, default the expert directory's name);
+- ``param.NAME``: a method parameter (``param.epsilon=0.05,0.1``), dropped for methods without it;
+- ``seed``: the seed of the random methods.
+
+A *point* is a flat dict ``{"method": "ta", "scale": 0.8, ...}``; :func:`normalise` puts it in its
+canonical form (floats rounded, density dropped for methods that ignore it), so that two points
+that merge the same way get the same key and are computed once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SkillgraftError
+
+_DIGITS = 10
+INT_DIMS = ("seed",)
+
+
+def _num(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise SkillgraftError(f"--vary {what}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise SkillgraftError(f"--vary {what}: {text!r} is not a finite number")
+    return v
+
+
+def rnd(x: float) -> float:
+    """A float in canonical form: 0.1 * 3 and 0.3 give the same key."""
+    r = round(float(x), _DIGITS)
+    return 0.0 if r == 0 else r
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One varied quantity: explicit ``values``, or a range ``low..high`` (with ``step`` or continuous)."""
+
+    name: str
+    values: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+
+    @property
+    def discrete(self) -> bool:
+        return self.values is not None or self.step is not None
+
+    def grid(self) -> list[Any]:
+        if self.values is not None:
+            return list(self.values)
+        if self.step is None:
+            raise SkillgraftError(
+                f"--vary {self.name}={self.low:g}:{self.high:g} is a continuous range; grid search needs a step "
+                f"({self.name}={self.low:g}:{self.high:g}:STEP) or a list, or use --search random/optuna"
+            )
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        vals = [self.cast(self.low + i * self.step) for i in range(n + 1)]
+        return vals
+
+    def cast(self, v: Any) -> Any:
+        return int(round(v)) if self.name in INT_DIMS else rnd(v)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "values": list(self.values) if self.values is not None else None,
+                "low": self.low, "high": self.high, "step": self.step}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Dim":
+        vals = d.get("values")
+        return cls(d["name"], tuple(vals) if vals is not None else None, d.get("low"), d.get("high"), d.get("step"))
+
+
+def _check_name(name: str, labels: list[str]) -> None:
+    head, _, tail = name.partition(".")
+    if name in ("scale", "density", "seed"):
+        return
+    if head in ("scale", "density") and tail:
+        if tail not in labels:
+            raise SkillgraftError(f"--vary {name}: no expert labelled {tail!r} (experts: {', '.join(labels)})")
+        return
+    if head == "param" and tail:
+        return
+    raise SkillgraftError(
+        f"--vary {name}: unknown quantity; use scale, density, seed, scale.LABEL, density.LABEL or param.NAME"
+    )
+
+
+def parse_vary(text: str, labels: list[str]) -> Dim:
+    """``NAME=a,b,c`` | ``NAME=lo:hi:step`` | ``NAME=lo:hi`` -> a :class:`Dim`."""
+    if "=" not in text:
+        raise SkillgraftError(f"--vary expects NAME=VALUES (e.g. scale=0:1.5:0.1), got {text!r}")
+    name, spec = (s.strip() for s in text.split("=", 1))
+    _check_name(name, labels)
+    if not spec:
+        raise SkillgraftError(f"--vary {name}: no values given")
+    if ":" in spec:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3):
+            raise SkillgraftError(f"--vary {name}={spec}: a range is LOW:HIGH or LOW:HIGH:STEP")
+        lo, hi = _num(parts[0], name), _num(parts[1], name)
+        if hi < lo:
+            raise SkillgraftError(f"--vary {name}={spec}: HIGH is below LOW")
+        step = _num(parts[2], name) if len(parts) == 3 else None
+        if step is not None and step <= 0:
+            raise SkillgraftError(f"--vary {name}={spec}: STEP must be positive")
+        dim = Dim(name, None, lo, hi, step)
+    else:
+        import yaml
+
+        raw = [yaml.safe_load(v.strip()) for v in spec.split(",") if v.strip()]
+        if name.startswith("param."):
+            vals = tuple(rnd(v) if isinstance(v, float) else v for v in raw)
+        else:
+            vals = tuple(Dim(name).cast(_num(str(v), name)) for v in raw)
+        dim = Dim(name, tuple(dict.fromkeys(vals)))
+    if name.startswith("density"):
+        lo = min(dim.values) if dim.values is not None else dim.low
+        hi = max(dim.values) if dim.values is not None else dim.high
+        if not (0 < lo and hi <= 1):
+            raise SkillgraftError(f"--vary {name}: densities must lie in (0, 1]")
+    return dim
+
+
+@dataclass
+class Space:
+    """The methods to try and the varied dimensions; the fixed settings live in the sweep's base recipe."""
+
+    methods: list[str]
+    dims: list[Dim]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"methods": self.methods, "dims": [d.to_json() for d in self.dims]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Space":
+        return cls(list(d["methods"]), [Dim.from_json(x) for x in d["dims"]])
+
+    def grid_size(self) -> int:
+        n = len(self.methods)
+        for d in self.dims:
+            n *= len(d.grid())
+        return n
+
+
+def build_space(methods: list[str], varies: list[str], labels: list[str]) -> Space:
+    from ..methods import METHODS
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SkillgraftError(f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}")
+    dims = [parse_vary(v, labels) for v in varies]
+    names = [d.name for d in dims]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SkillgraftError(f"--vary {sorted(dup)[0]} given twice")
+    return Space(list(dict.fromkeys(methods)), dims)
+
+
+def normalise(point: dict[str, Any]) -> dict[str, Any]:
+    """The canonical form of a point: floats rounded, settings the method ignores removed."""
+    from ..methods import METHODS
+
+    m = METHODS[point["method"]]
+    known = {p.name for p in m.params}
+    out: dict[str, Any] = {}
+    for k, v in point.items():
+        if k.startswith("density") and not m.uses_density:
+            continue
+        if k.startswith("param.") and k[len("param."):] not in known:
+            continue
+        if k == "seed" and not m.stochastic:
+            continue
+        out[k] = rnd(v) if isinstance(v, float) else v
+    return out
+
+
+def point_key(point: dict[str, Any]) -> str:
+    return json.dumps(normalise(point), sort_keys=True)
+
+
+def describe(point: dict[str, Any]) -> str:
+    """``ta scale=0.8 density=0.5`` for logs and tables."""
+    rest = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(point.items()) if k != "method")
+    return f"{point['method']} {rest}".strip()
