@@ -209,15 +209,17 @@ def test_dare_ties_two_experts_by_hand():
     assert torch.allclose(norm, expected / div, atol=1e-6)
 
 
-def test_dare_draws_one_mask_per_task_vector_in_order():
+@pytest.mark.parametrize("sampler", ["uniform", "bernoulli"])
+def test_dare_draws_one_mask_per_task_vector_in_order(sampler):
     a = torch.ones(1000)
     g = gen(5)
-    m1 = random_mask(a, 0.5, g)
-    m2 = random_mask(a, 0.5, g)
-    out = call("dare", [a, a], [1.0, 0.0], [0.5, 0.5], seed=5)
+    m1 = random_mask(a, 0.5, g, sampler)
+    m2 = random_mask(a, 0.5, g, sampler)
+    out = call("dare", [a, a], [1.0, 0.0], [0.5, 0.5], seed=5, sampler=sampler)
     assert torch.equal(out != 0, m1)
-    out2 = call("dare", [a, a], [0.0, 1.0], [0.5, 0.5], seed=5)
+    out2 = call("dare", [a, a], [0.0, 1.0], [0.5, 0.5], seed=5, sampler=sampler)
     assert torch.equal(out2 != 0, m2)
+    assert abs(m1.float().mean().item() - 0.5) < 0.06
 
 
 # --------------------------------------------------------------------------- sparsifiers
@@ -384,3 +386,75 @@ def test_model_stock_by_hand():
 def test_layerswap_fn_is_ta():
     a, b = T([1.0, 2.0]), T([3.0, -1.0])
     assert torch.allclose(call("layerswap", [a, b], [1.0, 0.5]), call("ta", [a, b], [1.0, 0.5]))
+
+
+# --------------------------------------------------------------------------- streamed (chunked) paths
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force many chunks and the sampled-band threshold path on small tensors."""
+    from skillgraft.methods import sparsify
+
+    monkeypatch.setattr(sparsify, "CHUNK", 997)
+    monkeypatch.setattr(sparsify, "_EXACT_BELOW", 500)
+    monkeypatch.setattr(sparsify, "_SAMPLE", 256)
+
+
+def _naive_mask(x, k):
+    """Reference: top-k by |x|, ties broken by position (stable sort on -|x|)."""
+    order = torch.sort(-x.abs().flatten(), stable=True).indices[:k]
+    m = torch.zeros(x.numel(), dtype=torch.bool)
+    m[order] = True
+    return m.view(x.shape)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.9])
+def test_streamed_topk_matches_reference_with_ties_across_chunks(small_chunks, density):
+    g = gen(1)
+    x = (torch.randn(40, 250, generator=g) * 8).round() / 8  # heavy ties, spanning chunk borders
+    k = keep_count(x.numel(), density)
+    assert torch.equal(magnitude_mask(x, density), _naive_mask(x, k))
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.2), (0.3, 0.0)])
+def test_streamed_outlier_mask_matches_reference(small_chunks, density, gamma):
+    g = gen(2)
+    x = (torch.randn(60, 130, generator=g) * 16).round() / 16
+    n = x.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_top = n - target - max(0, n - target - n_top)
+    ref = _naive_mask(x, target + n_top) & ~_naive_mask(x, n_top)
+    assert torch.equal(outlier_mask(x, density, gamma), ref)
+
+
+def test_streamed_ties_equals_unchunked(small_chunks):
+    from skillgraft.methods.ties import elect_and_merge
+
+    g = gen(3)
+    xs = [torch.randn(50, 77, generator=g) for _ in range(3)]
+    ws, ds = [1.0, 0.6, -0.3], [0.4, 0.7, 0.2]
+    trimmed = [x * _naive_mask(x, keep_count(x.numel(), d)) for x, d in zip(xs, ds)]
+    for mode in (False, "weights", "count"):
+        ref = elect_and_merge(trimmed, ws, normalize=mode)
+        got = call("ties", xs, ws, ds, normalize=mode)
+        assert torch.allclose(got, ref, atol=1e-6)
+    crumbs = call("breadcrumbs_ties", xs, ws, ds, gamma=0.0)
+    assert torch.allclose(crumbs, elect_and_merge(trimmed, ws), atol=1e-6)
+
+
+def test_elementwise_flags_follow_parameters():
+    """Row-block safety (the engine merges elementwise methods in blocks of whole rows)."""
+    assert METHODS["ta"].is_elementwise()
+    assert METHODS["dare_ties"].is_elementwise() and not METHODS["dare_ties"].is_elementwise({"rescale": "l1"})
+    assert not METHODS["ties"].is_elementwise()  # the trim threshold is global
+    assert METHODS["consensus"].is_elementwise() and not METHODS["consensus"].is_elementwise({"base": "ties"})
+    # DELLA is row-wise: its keep probabilities of a row block are those of the whole tensor's rows
+    x = torch.randn(12, 30, generator=gen(4))
+    assert torch.equal(della_probabilities(x, 0.5, 0.1)[3:7], della_probabilities(x[3:7], 0.5, 0.1))
+    # elementwise methods give the same result on blocks as on the whole tensor (deterministic ones)
+    xs = [torch.randn(12, 30, generator=gen(5)) for _ in range(2)]
+    for name in ("ta", "consensus", "layerswap"):
+        whole = call(name, xs, [1.0, 0.5])
+        blocks = torch.cat([call(name, [x[i : i + 5] for x in xs], [1.0, 0.5]) for i in range(0, 12, 5)])
+        assert torch.allclose(whole, blocks), name

@@ -190,9 +190,12 @@ def merge_entry(
     """Merge one tensor, block by block, into a new CPU tensor of ``out_dtype``; VLM-only rows copied."""
     e = loaded.entry
     weights = s.expert_weights(e)
+    if s.mode == "inject" and s.method.kind == "delta" and all(w == 0 for w in weights):
+        # nothing is added: the VLM's tensor as it is (bit-exact, -0.0 included), not V + 0
+        return loaded.vlm.to(out_dtype, copy=True), Norms(deltas=[0.0] * len(weights))
     out = torch.empty(e.shape, dtype=out_dtype)
     norms = Norms()
-    for i, blk in enumerate(row_blocks(e, s.method.elementwise)):
+    for i, blk in enumerate(row_blocks(e, s.method.is_elementwise(s.params))):
         v = loaded.vlm[blk].to(device, torch.float32)
         b = loaded.base[blk].to(device, torch.float32) if loaded.base is not None else None
         taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]

@@ -71,6 +71,19 @@ class Method:
     min_deltas: int = 1
     max_deltas: int | None = None
     validator: Validator | None = None
+    # When set, narrows ``elementwise`` by the resolved parameters (e.g. DARE with a norm-matching
+    # rescale needs the whole tensor). Use ``is_elementwise(params)``, not the field, to decide.
+    elementwise_when: Callable[[dict[str, Any]], bool] | None = None
+
+    def is_elementwise(self, params: dict[str, Any] | None = None) -> bool:
+        """True when each output entry depends only on the same entry (row-wise methods: the same row)
+        of the inputs and the generator, with these parameters: the engine may then merge a tensor in
+        blocks of whole rows, each block with its own seeded generator."""
+        if not self.elementwise:
+            return False
+        if self.elementwise_when is None:
+            return True
+        return bool(self.elementwise_when(self.resolve_params(dict(params or {}))))
 
     @property
     def needs_base(self) -> bool:
@@ -113,13 +126,14 @@ class Method:
 
 
 def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """sum_k w_k * tau_k, accumulated in the dtype of the deltas (inputs untouched)."""
-    out = torch.zeros_like(deltas[0])
+    """sum_k w_k * tau_k, accumulated in the dtype of the deltas (a new tensor; inputs untouched)."""
+    out = None
     for d, w in zip(deltas, weights):
         w = float(w)
-        if w != 0.0:
-            out.add_(d, alpha=w)
-    return out
+        if w == 0.0:
+            continue
+        out = torch.mul(d, w) if out is None else out.add_(d, alpha=w)
+    return torch.zeros_like(deltas[0]) if out is None else out
 
 
 def scaled(x: Tensor, lam: float) -> Tensor:
@@ -135,6 +149,11 @@ LAMBDA = Param(
     "Arithmetic / TIES / DELLA, mergekit's 'lambda'); multiplies every entry's weight, the VLM's too in "
     "symmetric mode",
 )
+
+
+def rescale_is_local(params: dict[str, Any]) -> bool:
+    """A ``rescale`` that needs no whole-tensor statistic (not a norm match): row blocks are safe."""
+    return params.get("rescale", True) in (True, False, None)
 
 
 def pop_lambda(params: dict[str, Any]) -> float:

@@ -80,6 +80,8 @@ METHOD = Method(
     summary="Consensus merging: keep entries that >= k tasks' TALL masks select, in the TA/TIES merge",
     paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression (ICML 2024)",
     uses_density=True,
+    elementwise=True,
+    elementwise_when=lambda p: p["base"] == "ta",  # TALL masks are per entry; TIES trims globally
     params=(
         Param("k", 2, "minimum number of task TALL masks that must select an entry (paper: 2)"),
         Param(

@@ -8,7 +8,9 @@ tests check it explicitly. mergekit 0.1.5's ``rescale: true`` is different: it r
 tensor to keep its L1 norm (``rescale="l1"`` here), which equals 1/density only in expectation.
 
 Randomness: one Bernoulli mask per task vector, drawn in order from the ``generator`` the engine
-seeds per (recipe seed, tensor name); ``torch.bernoulli`` is used so the stream matches PEFT's.
+seeds per (recipe seed, tensor name). ``sampler`` picks how: ``uniform`` (default, ``rand < density``,
+fastest) or ``bernoulli`` (``torch.bernoulli``, the very call PEFT and mergekit make, so with the same
+seed PEFT's masks are reproduced exactly; tests/test_vs_peft.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import LAMBDA, Method, Param, check_no_params, pop_lambda, scaled, weighted_sum
-from .sparsify import RESCALE_CHOICES, dare_drop
+from .base import LAMBDA, Method, Param, check_no_params, pop_lambda, rescale_is_local, scaled, weighted_sum
+from .sparsify import RESCALE_CHOICES, SAMPLERS, dare_drop
 from .ties import NORMALIZE, SIGN_FROM, elect_and_merge
 
 Tensor = torch.Tensor
@@ -30,6 +32,13 @@ RESCALE = Param(
     "to keep that norm (mergekit 0.1.5 uses 'l1'); false: no rescale",
     choices=RESCALE_CHOICES,
 )
+SAMPLER = Param(
+    "sampler",
+    "uniform",
+    "how the keep-masks are drawn: 'uniform' (rand < density, fastest) or 'bernoulli' (torch.bernoulli, the "
+    "same stream as PEFT/mergekit for the same seed)",
+    choices=SAMPLERS,
+)
 
 
 def dare_linear(
@@ -39,12 +48,13 @@ def dare_linear(
     *,
     generator: torch.Generator | None = None,
     rescale: bool | str = True,
+    sampler: str = "uniform",
     **params: object,
 ) -> Tensor:
     """Drop each entry with probability 1-density (rescaled), then ``lambda * sum_k w_k * tau_k``."""
     lam = pop_lambda(params)
     check_no_params("dare_linear", params)
-    dropped = [dare_drop(d, p, generator, rescale) for d, p in zip(deltas, densities)]
+    dropped = [dare_drop(d, p, generator, rescale, sampler) for d, p in zip(deltas, densities)]
     return scaled(weighted_sum(dropped, weights), lam)
 
 
@@ -55,6 +65,7 @@ def dare_ties(
     *,
     generator: torch.Generator | None = None,
     rescale: bool | str = True,
+    sampler: str = "uniform",
     sign_from: str = "weighted",
     normalize: bool | str = False,
     **params: object,
@@ -62,7 +73,7 @@ def dare_ties(
     """DARE drop-and-rescale, then TIES sign election and merge of the agreeing entries."""
     lam = pop_lambda(params)
     check_no_params("dare_ties", params)
-    dropped = [dare_drop(d, p, generator, rescale) for d, p in zip(deltas, densities)]
+    dropped = [dare_drop(d, p, generator, rescale, sampler) for d, p in zip(deltas, densities)]
     return scaled(elect_and_merge(dropped, weights, sign_from=sign_from, normalize=normalize), lam)
 
 
@@ -76,7 +87,8 @@ METHOD_LINEAR = Method(
     stochastic=True,
     uses_density=True,
     elementwise=True,
-    params=(RESCALE, LAMBDA),
+    elementwise_when=rescale_is_local,
+    params=(RESCALE, SAMPLER, LAMBDA),
 )
 
 METHOD_TIES = Method(
@@ -88,5 +100,6 @@ METHOD_TIES = Method(
     stochastic=True,
     uses_density=True,
     elementwise=True,
-    params=(RESCALE, SIGN_FROM, NORMALIZE, LAMBDA),
+    elementwise_when=rescale_is_local,
+    params=(RESCALE, SAMPLER, SIGN_FROM, NORMALIZE, LAMBDA),
 )

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import LAMBDA, Method, Param, check_no_params, pop_lambda, scaled, weighted_sum
+from .base import LAMBDA, Method, Param, check_no_params, pop_lambda, rescale_is_local, scaled, weighted_sum
 from .sparsify import RESCALE_CHOICES, check_della, della_drop
+from .dare import SAMPLER
 from .ties import NORMALIZE, SIGN_FROM, elect_and_merge
 
 Tensor = torch.Tensor
@@ -35,8 +36,8 @@ RESCALE = Param(
 )
 
 
-def _prune(deltas, densities, epsilon, generator, rescale):
-    return [della_drop(d, p, epsilon, generator, rescale) for d, p in zip(deltas, densities)]
+def _prune(deltas, densities, epsilon, generator, rescale, sampler):
+    return [della_drop(d, p, epsilon, generator, rescale, sampler) for d, p in zip(deltas, densities)]
 
 
 def della(
@@ -47,6 +48,7 @@ def della(
     generator: torch.Generator | None = None,
     epsilon: float = 0.15,
     rescale: bool | str = True,
+    sampler: str = "uniform",
     sign_from: str = "weighted",
     normalize: bool | str = False,
     **params: object,
@@ -54,7 +56,7 @@ def della(
     """MagPrune each task vector, then TIES sign election and fusion of the agreeing entries."""
     lam = pop_lambda(params)
     check_no_params("della", params)
-    pruned = _prune(deltas, densities, epsilon, generator, rescale)
+    pruned = _prune(deltas, densities, epsilon, generator, rescale, sampler)
     return scaled(elect_and_merge(pruned, weights, sign_from=sign_from, normalize=normalize), lam)
 
 
@@ -66,12 +68,13 @@ def della_linear(
     generator: torch.Generator | None = None,
     epsilon: float = 0.15,
     rescale: bool | str = True,
+    sampler: str = "uniform",
     **params: object,
 ) -> Tensor:
     """MagPrune each task vector, then ``lambda * sum_k w_k * tau_k``."""
     lam = pop_lambda(params)
     check_no_params("della_linear", params)
-    return scaled(weighted_sum(_prune(deltas, densities, epsilon, generator, rescale), weights), lam)
+    return scaled(weighted_sum(_prune(deltas, densities, epsilon, generator, rescale, sampler), weights), lam)
 
 
 def _validate(densities: Sequence[float], params: dict) -> None:
@@ -94,7 +97,9 @@ METHOD = Method(
     paper=_PAPER,
     stochastic=True,
     uses_density=True,
-    params=(EPSILON, RESCALE, SIGN_FROM, NORMALIZE, LAMBDA),
+    elementwise=True,  # row-wise: ranks are taken within a row, and engine blocks are whole rows
+    elementwise_when=rescale_is_local,
+    params=(EPSILON, RESCALE, SAMPLER, SIGN_FROM, NORMALIZE, LAMBDA),
     validator=_validate,
 )
 
@@ -106,6 +111,8 @@ METHOD_LINEAR = Method(
     paper=_PAPER,
     stochastic=True,
     uses_density=True,
-    params=(EPSILON, RESCALE, LAMBDA),
+    elementwise=True,  # row-wise: ranks are taken within a row, and engine blocks are whole rows
+    elementwise_when=rescale_is_local,
+    params=(EPSILON, RESCALE, SAMPLER, LAMBDA),
     validator=_validate,
 )

@@ -105,6 +105,7 @@ LINEAR = Method(
     paper="Wortsman et al. 2022, Model soups: averaging weights of multiple fine-tuned models (ICML 2022)",
     params=(Param("normalize", True, "divide by the sum of the weights (mergekit's default)", choices=(True, False)),),
     min_deltas=2,
+    elementwise=True,
 )
 
 SLERP = Method(

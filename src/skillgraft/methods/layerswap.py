@@ -55,5 +55,6 @@ METHOD = Method(
         LAMBDA,
     ),
     layer_rule="layerswap",
+    elementwise=True,
     validator=_validate,
 )

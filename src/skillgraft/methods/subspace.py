@@ -88,6 +88,9 @@ def iso_c(
 ) -> Tensor:
     """Iso-C: SVD of the TA sum ``U S V^T``; replace the spectrum by its mean: ``mean(S) * U V^T``.
 
+    The mean runs over all ``min(m, n)`` singular values and every direction gets it, as in the
+    authors' code (task-vector sums of full fine-tunes are full rank).
+
     The isotropic spectrum gives every direction of the common subspace the same weight, so
     directions that only one task uses are not drowned by the dominant ones. The paper tunes the
     overall scale alpha (our ``lambda``) on validation data.

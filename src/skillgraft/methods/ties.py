@@ -67,37 +67,45 @@ def elect_and_merge(
     else:
         signs = [1.0 if w > 0 else (-1.0 if w < 0 else 0.0) for w in ws]
 
-    mass = torch.zeros_like(deltas[0])
+    mass = None
     for d, w, s in zip(deltas, ws, signs):
         if sign_from == "count":
-            if s != 0.0:
-                mass.add_(torch.sign(d), alpha=s)
-        elif sign_from == "weighted":
-            if w != 0.0:
-                mass.add_(d, alpha=w)
+            term, coef = torch.sign(d), s
         else:
-            mass.add_(d)
-    positive = mass >= 0
+            term, coef = d, (w if sign_from == "weighted" else 1.0)
+        if coef == 0.0:
+            continue  # a zero-weight entry has sign 0 in weighted/count mode: it never votes
+        mass = torch.mul(term, coef) if mass is None else mass.add_(term, alpha=coef)
+    if mass is None:
+        return torch.zeros_like(deltas[0])
+    # elected sign: +1 where the mass is >= 0. An exact cancellation sums to +0.0 and elects +; a
+    # -0.0 mass only arises where every entry is zero, so nothing agrees there either way.
+    elected = torch.ones_like(mass).copysign_(mass)
     del mass
 
-    merged = torch.zeros_like(deltas[0])
-    divisor = None if mode == "none" else torch.zeros_like(deltas[0])
+    merged = None
+    divisor = None
     for d, w, s in zip(deltas, ws, signs):
         if s == 0.0:
             continue  # a zero-weight entry has sign 0 in weighted/count mode: it never agrees
-        if s > 0:
-            agree = torch.where(positive, d > 0, d < 0)
-        else:
-            agree = torch.where(positive, d < 0, d > 0)
+        # u = |d| where (s * d) agrees with the elected sign, else 0; then w * d = (w * s) * u * elected
+        u = torch.mul(d, elected)
+        if s < 0:
+            u.neg_()
+        u.relu_()
+        if mode != "none":
+            agree = u > 0
+            if divisor is None:
+                divisor = torch.zeros_like(u)
+            divisor.add_(agree, alpha=(w if mode == "weights" else 1.0))
+            del agree
         if w != 0.0:
-            merged.add_(d * agree, alpha=w)
-        if mode == "weights":
-            divisor.add_(agree, alpha=w)
-        elif mode == "count":
-            divisor.add_(agree)
+            merged = u.mul_(w * s) if merged is None else merged.add_(u, alpha=w * s)
+    if merged is None:
+        return torch.zeros_like(deltas[0])
+    merged.mul_(elected)
     if mode == "weights":
-        divisor[divisor == 0] = 1.0
-        merged.div_(divisor)
+        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
     elif mode == "count":
         merged.div_(divisor.clamp_(min=1.0))
     return merged
