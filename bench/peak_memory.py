@@ -1,6 +1,6 @@
 """Peak memory of `skillgraft inject` on a synthetic ~1B-parameter bf16 checkpoint (a script, not a test).
 
-Builds the synthetic triple once (bench/synthetic.py), runs the CLI in a child process for each
+Builds the synthetic triple once (bench/make_synthetic.py), runs the CLI in a child process for each
 method and prints wall time and the child's peak RSS (ru_maxrss), next to the output shard size.
 
     python bench/peak_memory.py /tmp/sg-bench [--methods ta,ties,dare_ties] [--shard-size 2GB] [--device cpu]
@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import build, n_params  # noqa: E402
+import make_synthetic  # noqa: E402
 
+from skillgraft.io.reader import CheckpointReader  # noqa: E402
 from skillgraft.io.writer import parse_size  # noqa: E402
 
 
@@ -43,17 +44,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     args = ap.parse_args()
-    dirs = {k: args.work / k for k in ("base", "expert", "target")}
+    dirs = {k: args.work / k for k in ("base", "expert", "vlm")}
     if not all((d / "config.json").is_file() for d in dirs.values()):
         t = time.perf_counter()
-        dirs = build(args.work)
+        make_synthetic.main([str(args.work)])
         print(f"built synthetic triple in {time.perf_counter() - t:.0f} s")
-    print(f"{n_params() / 1e9:.2f}B parameters per checkpoint, bf16; output shard size {args.shard_size}")
+    reader = CheckpointReader(dirs["vlm"])
+    n = sum(reader.nbytes(x) // reader.dtype(x).itemsize for x in reader.names)
+    print(f"{n / 1e9:.2f}B parameters per checkpoint, bf16; output shard size {args.shard_size}")
     print(f"{'method':10} {'wall s':>8} {'peak RSS GiB':>13} {'budget GiB (2 + shard)':>23}")
     budget = 2 + parse_size(args.shard_size) / 2**30
     for method in args.methods.split(","):
         out = args.work / f"out-{method}"
-        cmd = [sys.executable, "-m", "skillgraft", "inject", str(dirs["target"]), str(dirs["expert"]),
+        cmd = [sys.executable, "-m", "skillgraft", "inject", str(dirs["vlm"]), str(dirs["expert"]),
                "--base", str(dirs["base"]), "--method", method, "--density", "0.5" if method != "ta" else "1",
                "--shard-size", args.shard_size, "--device", args.device, "-o", str(out), "--force", "-q"]
         wall, rss = run_child(cmd)
