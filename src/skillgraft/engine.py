@@ -195,20 +195,63 @@ def merge_entry(
         return loaded.vlm.to(out_dtype, copy=True), Norms(deltas=[0.0] * len(weights))
     out = torch.empty(e.shape, dtype=out_dtype)
     norms = Norms()
+    low_memory = s.mode == "inject" and s.method.kind == "delta" and loaded.base is not None
     for i, blk in enumerate(row_blocks(e, s.method.is_elementwise(s.params))):
-        v = loaded.vlm[blk].to(device, torch.float32)
-        b = loaded.base[blk].to(device, torch.float32) if loaded.base is not None else None
-        taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
-        part = Norms(vlm=_sq(v))
-        if b is not None:
-            taus = [t.sub_(b) for t in taus]
-            part.base, part.deltas = _sq(b), [_sq(t) for t in taus]
-        merged, part.change = combine_block(v, b, taus, s, weights, block_generator(s, e.name, i))
-        out[blk].copy_(merged)
+        gen = block_generator(s, e.name, i)
+        if low_memory:
+            part = _inject_block(loaded, blk, out[blk], s, weights, gen, device)
+        else:
+            v = loaded.vlm[blk].to(device, torch.float32)
+            b = loaded.base[blk].to(device, torch.float32) if loaded.base is not None else None
+            taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
+            part = Norms(vlm=_sq(v))
+            if b is not None:
+                taus = [t.sub_(b) for t in taus]
+                part.base, part.deltas = _sq(b), [_sq(t) for t in taus]
+            merged, part.change = combine_block(v, b, taus, s, weights, gen)
+            out[blk].copy_(merged)
         norms.add(part)
     if e.row_sliced:  # the VLM-only rows (image tokens) are copied as they are
         out[e.rows :].copy_(loaded.vlm[e.rows :])
     return out, norms
+
+
+def _chunks(t: torch.Tensor) -> list[Any]:
+    """Row ranges of at most about CHUNK_ELEMENTS entries covering ``t`` (``[...]`` for a scalar)."""
+    if t.dim() == 0:
+        return [...]
+    per_row = max(1, t[0].numel()) if t.shape[0] else 1
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [slice(i, min(i + step, t.shape[0])) for i in range(0, t.shape[0], step)]
+
+
+def _inject_block(
+    loaded: Loaded, blk: Any, out: torch.Tensor, s: MergeSettings, weights: list[float],
+    generator: torch.Generator | None, device: torch.device,
+) -> Norms:
+    """Inject mode on one block, holding only the task vectors and the method's result in float32.
+
+    theta_V and theta_B are converted chunk by chunk as they are used, so a whole-tensor method
+    (TIES on an embedding) peaks at its own working set, not at five float32 copies of the tensor.
+    """
+    part = Norms()
+    base = loaded.base[blk]
+    taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
+    for c in _chunks(base):
+        bc = base[c].to(device, torch.float32)
+        part.base += _sq(bc)
+        for t in taus:
+            t[c].sub_(bc)
+    part.deltas = [_sq(t) for t in taus]
+    delta = s.method.fn(taus, weights, s.densities, generator=generator, **s.params)
+    del taus
+    part.change = _sq(delta)
+    vlm = loaded.vlm[blk]
+    for c in _chunks(delta):
+        vc = vlm[c].to(device, torch.float32)
+        part.vlm += _sq(vc)
+        out[c].copy_(delta[c].add_(vc))
+    return part
 
 
 def _load(plan: Plan, entry: Entry) -> Loaded:
