@@ -13,7 +13,7 @@
 
 Each expert's data also holds a share of plain English questions over text scenes (`replay`),
 as a real fine-tune mixes in general data; the VLM never sees French, format instructions or
-arithmetic. Everything is seeded and runs deterministically on CPU.
+arithmetic. Everything is seeded and runs deterministically on CPU (one thread per model).
 """
 
 from __future__ import annotations
@@ -47,18 +47,18 @@ class Settings:
     v_intermediate: int = 128
     v_layers: int = 2
     v_heads: int = 4
-    patch: int = 8
+    patch: int = 16
     # schedule (steps, learning rate), batch size
     batch: int = 64
-    base_steps: int = 2500
+    base_steps: int = 1500
     base_lr: float = 3e-3
-    expert_steps: int = 500
+    expert_steps: int = 800
     expert_lr: float = 1e-3
     replay: float = 0.25
-    vlm1_steps: int = 1500
+    vlm1_steps: int = 800
     vlm1_lr: float = 2e-3
-    vlm2_steps: int = 800
-    vlm2_lr_lm: float = 1e-4
+    vlm2_steps: int = 1500
+    vlm2_lr_lm: float = 3e-4
     vlm2_lr_vision: float = 5e-4
     warmup: int = 50
     extras: dict = field(default_factory=dict)
@@ -69,6 +69,7 @@ QUICK = Settings(hidden=32, intermediate=64, layers=2, heads=2, v_hidden=16, v_i
                  v_heads=2, batch=8, base_steps=3, expert_steps=2, vlm1_steps=2, vlm2_steps=2, warmup=1)
 
 EXPERTS = ("expert-multilingual", "expert-instruct", "expert-math")
+EXPERT_SCENARIO = {"expert-multilingual": "cross_lingual", "expert-instruct": "instruction", "expert-math": "math"}
 
 
 # --------------------------------------------------------------------------- models
@@ -209,13 +210,17 @@ def base_corpus(tok, rng: random.Random, n: int) -> list[Example]:
     out = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.45:  # English scene text with a question and its answer
-            p, a = scene_qa(rng, "en", "en")
-            out.append(text_example(tok, f"{p} {a}"))
-        elif r < 0.6:  # English scene + statements
+        if r < 0.55:  # English scene text with questions and their answers
+            s = W.random_scene(rng)
+            qas = []
+            for _ in range(rng.randint(1, 4)):
+                it = W.make_item(rng, "en", scene=s)
+                qas.append(f"question : {it.question} answer : {it.answer}")
+            out.append(text_example(tok, f"scene : {W.describe(s, 'en')} . " + " ".join(qas)))
+        elif r < 0.65:  # English scene + statements
             s = W.random_scene(rng)
             out.append(text_example(tok, f"scene : {W.describe(s, 'en')} . {W.statements(s, rng, 'en')}"))
-        elif r < 0.8:  # French scene + statements
+        elif r < 0.82:  # French scene + statements
             s = W.random_scene(rng)
             out.append(text_example(tok, f"scene : {W.describe(s, 'fr')} . {W.statements(s, rng, 'fr')}"))
         else:  # lexicon, capitals, arithmetic facts
@@ -279,6 +284,7 @@ def train(
     pix: torch.Tensor | None = None,
     desc: str = "",
     progress: bool = True,
+    device: str = "cpu",
 ) -> float:
     """AdamW with warmup + cosine decay, fixed data order; returns the final mean loss."""
     from tqdm.auto import tqdm
@@ -294,7 +300,7 @@ def train(
         for pg, lr in zip(opt.param_groups, base_lrs):
             pg["lr"] = lr * f
         idx = torch.randint(len(data), (s.batch,), generator=g).tolist()
-        batch = collate([data[i] for i in idx], pad_id, pix)
+        batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id, pix).items()}
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,6 +327,104 @@ def _save_lm(model, tok, out: Path, meta: dict) -> None:
     (out / "microworld.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+# the settings that determine the base checkpoint (what `resume` compares)
+BASE_FIELDS = ("hidden", "intermediate", "layers", "heads", "batch", "base_steps", "base_lr", "warmup")
+
+
+def _setup(threads: int, device: str) -> None:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+
+
+def _meta(seed: int, s: Settings) -> dict:
+    return {"seed": seed, "settings": {k: v for k, v in s.__dict__.items() if k != "extras"}}
+
+
+def _n_data(s: Settings, steps: int) -> int:
+    return max(64, steps * s.batch // 2)  # corpus size: about two epochs
+
+
+def _load_base_state(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "base" / "model.safetensors"))
+
+
+def _train_base(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
+    from transformers import LlamaForCausalLM
+
+    _setup(threads, device)
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    _seed_all(seed)
+    base = LlamaForCausalLM(lm_config(tok, s)).to(device)
+    data = base_corpus(tok, random.Random(seed * 1000 + 1), _n_data(s, s.base_steps))
+    loss = train(base, data, [(list(base.parameters()), s.base_lr)], s.base_steps, s, seed + 1, tok.pad_token_id,
+                 desc="base", progress=progress, device=device)
+    _save_lm(base.cpu(), tok, out / "base", {**_meta(seed, s), "model": "base", "final_loss": loss})
+    return time.perf_counter() - t0, loss
+
+
+def _train_expert(out: Path, name: str, seed: int, s: Settings, progress: bool, device: str,
+                  threads: int) -> tuple[float, float]:
+    from transformers import LlamaForCausalLM
+
+    _setup(threads, device)
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    k = EXPERTS.index(name)
+    _seed_all(seed + 10 + k)
+    ex = LlamaForCausalLM(lm_config(tok, s))
+    ex.load_state_dict(_load_base_state(out))
+    ex.to(device)
+    data = expert_corpus(tok, name, random.Random(seed * 1000 + 10 + k), _n_data(s, s.expert_steps), s.replay)
+    loss = train(ex, data, [(list(ex.parameters()), s.expert_lr)], s.expert_steps, s, seed + 10 + k,
+                 tok.pad_token_id, desc=name, progress=progress, device=device)
+    _save_lm(ex.cpu(), tok, out / name, {**_meta(seed, s), "model": name, "scenario": EXPERT_SCENARIO[name],
+                                          "final_loss": loss})
+    return time.perf_counter() - t0, loss
+
+
+def _train_vlm(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
+    from transformers import LlavaForConditionalGeneration
+
+    _setup(threads, device)
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    pad = tok.pad_token_id
+    base_state = _load_base_state(out)
+    _seed_all(seed + 20)
+    vlm = LlavaForConditionalGeneration(vlm_config(tok, s))
+    vlm.model.language_model.load_state_dict({k[len("model."):]: v for k, v in base_state.items()
+                                              if k.startswith("model.")})
+    vlm.lm_head.load_state_dict({"weight": base_state["lm_head.weight"]})
+    n_img = (W.IMAGE_SIZE // s.patch) ** 2
+    data, pix = vlm_corpus(tok, random.Random(seed * 1000 + 20), _n_data(s, s.vlm1_steps + s.vlm2_steps), n_img)
+    lm_params = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
+    vis_params = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
+    vlm.to(device)
+    # stage 1: vision tower + projector, language model frozen
+    for p in lm_params:
+        p.requires_grad_(False)
+    loss1 = train(vlm, data, [(vis_params, s.vlm1_lr)], s.vlm1_steps, s, seed + 21, pad, pix,
+                  desc="vlm stage 1", progress=progress, device=device)
+    # stage 2: everything, the language model at a low learning rate
+    for p in lm_params:
+        p.requires_grad_(True)
+    loss2 = train(vlm, data, [(vis_params, s.vlm2_lr_vision), (lm_params, s.vlm2_lr_lm)], s.vlm2_steps, s,
+                  seed + 22, pad, pix, desc="vlm stage 2", progress=progress, device=device)
+    vlm.cpu()
+    d = out / "vlm"
+    d.mkdir(parents=True, exist_ok=True)
+    vlm.generation_config = generation_config(tok)
+    vlm.save_pretrained(str(d))
+    make_processor(tok, s).save_pretrained(str(d))
+    (d / "microworld.json").write_text(json.dumps(
+        {**_meta(seed, s), "model": "vlm", "stage1_loss": loss1, "final_loss": loss2}, indent=2) + "\n")
+    return time.perf_counter() - t0, loss2
+
+
 def build_zoo(
     out: Path,
     *,
@@ -330,84 +434,68 @@ def build_zoo(
     settings: Settings | None = None,
     only: tuple[str, ...] | None = None,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    jobs: int = 4,
+    resume: bool = False,
 ) -> dict:
     """Train base, the three experts and the VLM into `out/<name>/`; returns seconds per model.
 
     `quick` shrinks the models and runs a few steps (a smoke test, not a usable zoo).
+    Every model trains on one thread (on a small shared machine, oversubscribed OpenMP threads
+    spin and slow training by an order of magnitude). The base trains first; then the experts
+    and the VLM, which only read the saved base, train in `jobs` worker processes (jobs=1: one
+    after the other in this process; both give the same weights). `resume` reuses an
+    existing `out/base` trained with the same seed and base settings (BASE_FIELDS). `only` limits the second phase
+    to the named models.
     """
-    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
-
     s = settings or (QUICK if quick else FULL)
     say = log or (print if progress else (lambda _m: None))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    tok = build_tokenizer()
-    pad = tok.pad_token_id
-    n_img = (W.IMAGE_SIZE // s.patch) ** 2
-    scale_n = lambda steps: max(64, steps * s.batch // 2)  # noqa: E731  (corpus size: ~2 epochs)
+    t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    meta_common = {"seed": seed, "settings": {k: v for k, v in s.__dict__.items() if k != "extras"}}
 
-    # ---- base
-    t0 = time.perf_counter()
-    _seed_all(seed)
-    base = LlamaForCausalLM(lm_config(tok, s))
-    data = base_corpus(tok, random.Random(seed * 1000 + 1), scale_n(s.base_steps))
-    loss = train(base, data, [(list(base.parameters()), s.base_lr)], s.base_steps, s, seed + 1, pad,
-                 desc="base", progress=progress)
-    _save_lm(base, tok, out / "base", {**meta_common, "model": "base", "final_loss": loss})
-    timings["base"] = time.perf_counter() - t0
-    say(f"base: {timings['base']:.0f}s loss {loss:.3f}")
-    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    meta_file = out / "base" / "microworld.json"
+    reuse = False
+    if resume and meta_file.is_file() and (out / "base" / "model.safetensors").is_file():
+        m = json.loads(meta_file.read_text())
+        want = _meta(seed, s)["settings"]
+        have = m.get("settings", {})
+        reuse = m.get("seed") == seed and all(have.get(k) == want[k] for k in BASE_FIELDS)
+    if reuse:
+        say("base: reusing the existing checkpoint (same seed and settings)")
+        timings["base"] = 0.0
+    else:
+        say("training base ...")
+        timings["base"], loss = _train_base(out, seed, s, progress, device, threads=1)
+        say(f"base: {timings['base']:.0f}s loss {loss:.3f}")
 
-    # ---- experts
-    for k, name in enumerate(EXPERTS):
-        if only and name not in only:
-            continue
-        t0 = time.perf_counter()
-        _seed_all(seed + 10 + k)
-        ex = LlamaForCausalLM(lm_config(tok, s))
-        ex.load_state_dict(base_state)
-        data = expert_corpus(tok, name, random.Random(seed * 1000 + 10 + k), scale_n(s.expert_steps), s.replay)
-        loss = train(ex, data, [(list(ex.parameters()), s.expert_lr)], s.expert_steps, s, seed + 10 + k, pad,
-                     desc=name, progress=progress)
-        _save_lm(ex, tok, out / name, {**meta_common, "model": name, "final_loss": loss})
-        timings[name] = time.perf_counter() - t0
-        say(f"{name}: {timings[name]:.0f}s loss {loss:.3f}")
+    todo = [n for n in (*EXPERTS, "vlm") if not only or n in only]
 
-    # ---- VLM
-    if not only or "vlm" in only:
-        t0 = time.perf_counter()
-        _seed_all(seed + 20)
-        vlm = LlavaForConditionalGeneration(vlm_config(tok, s))
-        vlm.model.language_model.load_state_dict({k[len("model."):]: v for k, v in base_state.items()
-                                                  if k.startswith("model.")})
-        vlm.lm_head.load_state_dict({"weight": base_state["lm_head.weight"]})
-        n_data = scale_n(s.vlm1_steps + s.vlm2_steps)
-        data, pix = vlm_corpus(tok, random.Random(seed * 1000 + 20), n_data, n_img)
-        lm_params = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
-        vis_params = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
-        for p in lm_params:
-            p.requires_grad_(False)
-        loss1 = train(vlm, data, [(vis_params, s.vlm1_lr)], s.vlm1_steps, s, seed + 21, pad, pix,
-                      desc="vlm stage 1", progress=progress)
-        say(f"vlm stage 1: loss {loss1:.3f}")
-        for p in lm_params:
-            p.requires_grad_(True)
-        loss2 = train(vlm, data, [(vis_params, s.vlm2_lr_vision), (lm_params, s.vlm2_lr_lm)], s.vlm2_steps, s,
-                      seed + 22, pad, pix, desc="vlm stage 2", progress=progress)
-        d = out / "vlm"
-        d.mkdir(parents=True, exist_ok=True)
-        vlm.generation_config = generation_config(tok)
-        vlm.save_pretrained(str(d))
-        make_processor(tok, s).save_pretrained(str(d))
-        (d / "microworld.json").write_text(json.dumps(
-            {**meta_common, "model": "vlm", "stage1_loss": loss1, "final_loss": loss2}, indent=2) + "\n")
-        timings["vlm"] = time.perf_counter() - t0
-        say(f"vlm: {timings['vlm']:.0f}s loss {loss2:.3f}")
+    def job(name: str):
+        if name == "vlm":
+            return _train_vlm, (out, seed, s, False if jobs > 1 else progress, device, 1)
+        return _train_expert, (out, name, seed, s, False if jobs > 1 else progress, device, 1)
 
-    timings["total"] = sum(v for k, v in timings.items())
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        say(f"training {', '.join(todo)} in {min(jobs, len(todo))} processes ...")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(fn, *args): name for name in todo for fn, args in [job(name)]}
+            for f in as_completed(futs):
+                name = futs[f]
+                timings[name], loss = f.result()
+                say(f"{name}: {timings[name]:.0f}s loss {loss:.3f}")
+    else:
+        threads = torch.get_num_threads()
+        for name in todo:
+            fn, args = job(name)
+            timings[name], loss = fn(*args)
+            say(f"{name}: {timings[name]:.0f}s loss {loss:.3f}")
+        torch.set_num_threads(threads)
+
+    timings["total"] = time.perf_counter() - t_start
     (out / "build_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return timings

@@ -123,15 +123,16 @@ def plural(shape: str) -> str:
 
 
 def describe(scene: Scene, lang: str = "en") -> str:
-    """Scene description: the four cells in reading order."""
+    """Scene description: the four cells in reading order (top left, top right, bottom left,
+    bottom right), as a picture's patches are read."""
     parts = []
-    for pos, cell in zip(POSITIONS, scene):
+    for cell in scene:
         if lang == "en":
             what = "nothing" if cell is None else f"{cell[0]} {cell[1]}"
-            parts.append(f"{pos} {what}")
+            parts.append(what)
         else:
             what = "rien" if cell is None else f"{FR[cell[1]]} {FR[cell[0]]}"
-            parts.append(f"{FR[pos]} {what}")
+            parts.append(what)
     return " , ".join(parts)
 
 
@@ -146,22 +147,27 @@ def count_color(scene: Scene, color: str) -> int:
 # --------------------------------------------------------------------------- questions
 
 
-def _q_color_at(scene: Scene, rng: random.Random) -> tuple[str, str, str, str] | None:
-    occupied = [i for i, c in enumerate(scene) if c is not None]
-    if not occupied:
+def _q_color_of(scene: Scene, rng: random.Random) -> tuple[str, str, str, str] | None:
+    """Colour of the only shape of a kind ("what color is the circle ?")."""
+    unique = [c for c in scene if c is not None and count_shape(scene, c[1]) == 1]
+    if not unique:
         return None
-    i = rng.choice(occupied)
-    color = scene[i][0]  # type: ignore[index]
-    pos = POSITIONS[i]
-    return (f"what color is the shape at {pos} ?", color,
-            f"quelle couleur a la forme {FR[pos]} ?", FR[color])
+    color, shape = rng.choice(unique)
+    return (f"what color is the {shape} ?", color, f"quelle couleur a le {FR[shape]} ?", FR[color])
 
 
-def _q_shape_at(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
-    i = rng.randrange(4)
-    pos = POSITIONS[i]
-    ans = "nothing" if scene[i] is None else scene[i][1]  # type: ignore[index]
-    return (f"what shape is at {pos} ?", ans, f"quelle forme est {FR[pos]} ?", FR[ans])
+def _q_shape_of(scene: Scene, rng: random.Random) -> tuple[str, str, str, str] | None:
+    """Shape of the only thing of a colour ("what shape is red ?")."""
+    unique = [c for c in scene if c is not None and count_color(scene, c[0]) == 1]
+    if not unique:
+        return None
+    color, shape = rng.choice(unique)
+    return (f"what shape is {color} ?", shape, f"quelle forme est {FR[color]} ?", FR[shape])
+
+
+def _q_count_all(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
+    n = NUMBERS[sum(1 for c in scene if c is not None)]
+    return ("how many shapes are there ?", n, "combien de formes y a t il ?", FR[n])
 
 
 def _q_count_shape(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
@@ -190,8 +196,9 @@ def _q_exists(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
 
 
 QUESTION_KINDS: dict[str, Callable] = {
-    "color_at": _q_color_at,
-    "shape_at": _q_shape_at,
+    "color_of": _q_color_of,
+    "shape_of": _q_shape_of,
+    "count_all": _q_count_all,
     "count_shape": _q_count_shape,
     "count_color": _q_count_color,
     "exists": _q_exists,
@@ -232,11 +239,13 @@ def format_answer(answer: str, instruction: str | None) -> str:
     raise ValueError(instruction)
 
 
-def make_item(rng: random.Random, task: str, *, kinds: Iterable[str] | None = None) -> Item:
-    """Draw one item of a task: "en", "fr", "instruction" or "math"."""
+def make_item(rng: random.Random, task: str, *, kinds: Iterable[str] | None = None,
+              scene: Scene | None = None) -> Item:
+    """Draw one item of a task: "en", "fr", "instruction" or "math" (on `scene` if given)."""
     kinds = tuple(kinds or QUESTION_KINDS)
+    fixed = scene
     while True:
-        scene = random_scene(rng)
+        scene = fixed if fixed is not None else random_scene(rng)
         render_seed = rng.getrandbits(32)
         if task == "math":
             q, a, kind = _q_math(scene, rng)

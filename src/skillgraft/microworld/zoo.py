@@ -1,0 +1,22 @@
+"""The shipped micro-world checkpoints (package data under `skillgraft/microworld/zoo/<name>/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SkillgraftError
+
+ZOO_NAMES: tuple[str, ...] = ("base", "expert-multilingual", "expert-instruct", "expert-math", "vlm")
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+
+def zoo_path(name: str) -> Path:
+    """Directory of a shipped checkpoint, e.g. `zoo_path("vlm")`."""
+    if name not in ZOO_NAMES:
+        raise SkillgraftError(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO_NAMES)}")
+    d = ZOO_DIR / name
+    if not (d / "config.json").is_file():
+        raise SkillgraftError(
+            f"shipped checkpoint {name!r} is missing at {d}; rebuild it with `skillgraft zoo build --out DIR`"
+        )
+    return d
