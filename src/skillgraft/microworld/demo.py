@@ -38,7 +38,7 @@ def run_demo(out_dir: Path = Path("demo"), *, progress: bool = True, limit: int 
     """Run the demo, print and return the table; write out_dir/report.md and out_dir/scale_multilingual.png."""
     import torch
 
-    from ..api import inject
+    from ..pipeline import inject
     from ..recipe import ExpertSpec, Recipe
     from .taskvec import TaskVectorSweep
 

@@ -80,7 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction, parser_class: type | None = Non
 
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
-    from ..api import check_device
+    from ..pipeline import check_device
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None

@@ -233,7 +233,7 @@ class InPlaceModel:
 
 def open_plan(recipe: Any, stack: ExitStack, *, allow_unmatched: bool = False):
     """``api.prepare`` for ``recipe``: (plan, settings, warnings) with readers held open by ``stack``."""
-    from ..api import prepare
+    from ..pipeline import prepare
 
     prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
     return prep

@@ -60,11 +60,11 @@ class SweepResult:
 
 
 def _abs_recipe(recipe: Recipe) -> Recipe:
-    from ..api import _recipe_for_output
+    from ..pipeline import recipe_with_absolute_paths
     from ..io.resolve import resolve_checkpoint
 
     paths = {"vlm": resolve_checkpoint(recipe.vlm, "vlm")}
-    return _recipe_for_output(recipe, paths)
+    return recipe_with_absolute_paths(recipe, paths)
 
 
 def identity(cfg: SweepConfig, recipe: Recipe) -> dict[str, Any]:

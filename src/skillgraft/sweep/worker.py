@@ -43,7 +43,7 @@ def estimate_inplace_bytes(recipe: Recipe, methods: list[str], allow_unmatched: 
     """(bytes an in-place sweep needs, bytes available) for this VLM and these methods."""
     import psutil
 
-    from ..api import prepare
+    from ..pipeline import prepare
 
     cache_taus, probe = _cache_mode(recipe, methods)
     with ExitStack() as stack:
@@ -104,7 +104,7 @@ class Worker:
     def _ensure_loaded(self) -> None:
         if self.ip is not None:
             return
-        from ..api import prepare
+        from ..pipeline import prepare
         from .inplace import InPlaceModel
 
         t0 = time.perf_counter()
@@ -118,7 +118,7 @@ class Worker:
         self.setup = {"load_s": t1 - t0, "cache_s": time.perf_counter() - t1}
 
     def _settings(self, recipe: Recipe):
-        from ..api import prepare
+        from ..pipeline import prepare
 
         with ExitStack() as stack:
             prep = prepare(recipe, stack, allow_unmatched=self.allow_unmatched)
@@ -163,7 +163,7 @@ class Worker:
         return _floats(scores), {"apply_s": t1 - t0, "eval_s": t2 - t1, "restore_s": t3 - t2, "total_s": t3 - t0}
 
     def _run_streaming(self, recipe: Recipe) -> tuple[dict[str, float], dict[str, float]]:
-        from ..api import inject
+        from ..pipeline import inject
 
         tmp = Path(tempfile.mkdtemp(prefix="skillgraft-sweep-"))
         try:
