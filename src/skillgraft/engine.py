@@ -180,8 +180,13 @@ def row_blocks(entry: Entry, elementwise: bool) -> list[Any]:
     per_row = 1
     for d in entry.shape[1:]:
         per_row *= d
+    return _row_slices(n, per_row) or [slice(0, 0)]
+
+
+def _row_slices(n_rows: int, per_row: int) -> list[slice]:
+    """Consecutive row ranges of at most about CHUNK_ELEMENTS entries covering ``n_rows`` rows."""
     step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
 def merge_entry(
@@ -220,9 +225,7 @@ def _chunks(t: torch.Tensor) -> list[Any]:
     """Row ranges of at most about CHUNK_ELEMENTS entries covering ``t`` (``[...]`` for a scalar)."""
     if t.dim() == 0:
         return [...]
-    per_row = max(1, t[0].numel()) if t.shape[0] else 1
-    step = max(1, CHUNK_ELEMENTS // per_row)
-    return [slice(i, min(i + step, t.shape[0])) for i in range(0, t.shape[0], step)]
+    return _row_slices(t.shape[0], t[0].numel() if t.shape[0] else 1)
 
 
 def _inject_block(

@@ -136,18 +136,18 @@ def plan_only(recipe: Recipe, *, allow_unmatched: bool = False) -> Plan:
         return prepare(recipe, stack, allow_unmatched=allow_unmatched).plan
 
 
-def recipe_with_absolute_paths(recipe: Recipe, paths: dict[str, Path]) -> Recipe:
+def recipe_with_absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe with local checkpoints as absolute paths, so it reproduces from any directory."""
-    def fix(ref: str, key: str) -> str:
+    def fix(ref: str) -> str:
         p = Path(ref).expanduser()
         return str(p.resolve()) if p.is_dir() else ref
 
     data = recipe.model_dump()
-    data["vlm"] = fix(recipe.vlm, "vlm")
+    data["vlm"] = fix(recipe.vlm)
     if recipe.base is not None:
-        data["base"] = fix(recipe.base, "base")
+        data["base"] = fix(recipe.base)
     for e in data["experts"]:
-        e["model"] = fix(e["model"], e["name"] or "")
+        e["model"] = fix(e["model"])
     return Recipe.model_validate(data)
 
 
@@ -193,7 +193,7 @@ def inject(
             files = writer.finish()
             side = copy_side_files(prep.paths["vlm"], tmp)
             _update_config_dtype(tmp, recipe.dtype)
-            saved = recipe_with_absolute_paths(recipe, prep.paths)
+            saved = recipe_with_absolute_paths(recipe)
             saved.save(tmp / "skillgraft_recipe.yaml")
             prep.plan.warnings = warnings
             report = build_report(

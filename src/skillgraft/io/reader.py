@@ -22,7 +22,7 @@ import torch
 
 from ..errors import SkillgraftError
 
-_ST_DTYPES: dict[str, torch.dtype] = {
+ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -63,7 +63,7 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
-                dtype = _ST_DTYPES[info["dtype"]]
+                dtype = ST_DTYPES[info["dtype"]]
                 begin, end = info["data_offsets"]
                 shape = tuple(int(x) for x in info["shape"])
             except (KeyError, TypeError, ValueError):

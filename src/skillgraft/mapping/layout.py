@@ -157,7 +157,3 @@ def layer_count(rel_names: list[str] | dict[str, str]) -> int:
     idx = [int(m.group(1)) for r in rel_names if (m := _LAYER.match(r))]
     return max(idx) + 1 if idx else 0
 
-
-def layer_index(rel: str) -> int | None:
-    m = _LAYER.match(rel)
-    return int(m.group(1)) if m else None

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import SkillgraftError
 from ..io.reader import CheckpointReader
-from .layout import EMBED, HEAD, LMLayout, detect_layout, layer_count, layer_index, reference_shapes
+from .layout import EMBED, HEAD, LMLayout, detect_layout, layer_count, reference_shapes
 
 _VOCAB_TENSORS = (EMBED, HEAD)
 _BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -210,6 +210,3 @@ def _check_model_types(vlm: Checkpoint, sources: list[Checkpoint], warnings: lis
                 f"the VLM's language model is {vt!r} but {ck.label} is {t!r}; shapes match, so merging goes on"
             )
 
-
-def layer_of(entry: Entry) -> int | None:
-    return layer_index(entry.lm_name) if entry.lm_name else None

@@ -63,8 +63,8 @@ def _abs_recipe(recipe: Recipe) -> Recipe:
     from ..pipeline import recipe_with_absolute_paths
     from ..io.resolve import resolve_checkpoint
 
-    paths = {"vlm": resolve_checkpoint(recipe.vlm, "vlm")}
-    return recipe_with_absolute_paths(recipe, paths)
+    resolve_checkpoint(recipe.vlm, "vlm")  # fail early on a missing VLM
+    return recipe_with_absolute_paths(recipe)
 
 
 def identity(cfg: SweepConfig, recipe: Recipe) -> dict[str, Any]:
