@@ -111,24 +111,41 @@ def test_shipped_checkpoints_load_with_transformers():
     assert total <= 20 * 1024 * 1024, total
 
 
-@needs_zoo
-@pytest.mark.xfail(
-    strict=False,
-    reason="acceptance thresholds of issue 4 (VLM general >= 0.90, TA multilingual +0.30 cross_lingual within 0.05 "
-    "general): the zoo shipped now falls short of them; kept visible until the zoo is retrained",
-)
-def test_vlm_scores_and_ta_injection_effect(tmp_path):
+@pytest.fixture(scope="module")
+def ta_multilingual(tmp_path_factory):
+    """The shipped VLM before and after TA injection of expert-multilingual at the default scale."""
     from skillgraft.api import inject
     from skillgraft.recipe import ExpertSpec, Recipe
 
     before = E.evaluate(zoo_path("vlm"), scenarios=["general", "cross_lingual"], progress=False)
-    assert before["general"] >= 0.90, before
-    assert before["cross_lingual"] <= 0.10, before
     recipe = Recipe(vlm=str(zoo_path("vlm")), base=str(zoo_path("base")),
                     experts=[ExpertSpec(model=str(zoo_path("expert-multilingual")))], method="ta", seed=0)
-    res = inject(recipe, tmp_path / "merged", force=True, progress=False)
+    res = inject(recipe, tmp_path_factory.mktemp("ta") / "merged", force=True, progress=False)
     after = E.evaluate(res.out_dir, scenarios=["general", "cross_lingual"], progress=False)
+    return before, after
+
+
+@needs_zoo
+def test_vlm_scores_before_injection(ta_multilingual):
+    before, _ = ta_multilingual
+    assert before["general"] >= 0.90, before
+    assert before["cross_lingual"] <= 0.10, before
+
+
+@needs_zoo
+def test_ta_injection_raises_cross_lingual(ta_multilingual):
+    before, after = ta_multilingual
     assert after["cross_lingual"] - before["cross_lingual"] >= 0.30, (before, after)
+
+
+@needs_zoo
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 4 asks general to stay within 5 points at the default scale (1.0); the shipped zoo loses "
+    "14.8 points there (94.1 -> 79.3; at scale 0.7: -6.6 for +40.2 cross_lingual). Kept visible until it holds",
+)
+def test_ta_injection_keeps_general(ta_multilingual):
+    before, after = ta_multilingual
     assert abs(after["general"] - before["general"]) <= 0.05, (before, after)
 
 

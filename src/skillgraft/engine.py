@@ -126,35 +126,13 @@ def _rel_norm(delta: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(delta)) / denom if denom > 0 else float("inf")
 
 
-def combine_block(
-    v: torch.Tensor,
-    b: torch.Tensor | None,
-    taus: list[torch.Tensor],
-    s: MergeSettings,
-    weights: list[float],
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, float]:
-    """The one formula on float32 blocks; returns theta_out and ||theta_out - theta_V||^2.
+def interpolate_block(v: torch.Tensor, thetas: list[torch.Tensor], s: MergeSettings, weights: list[float],
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Interpolation methods (no base): M(theta_V, theta_E...) with weights (w_V, lambda_E...) on a float32 block.
 
-    inject:    theta_V + M({(tau_E, lambda_E, d_E)})
-    symmetric: theta_B + M({(tau_V, w_V, d_V)} + {(tau_E, lambda_E, d_E)})
-    interp methods (no base; ``taus`` then holds the experts' weights): M(theta_V, theta_E...)
-    ``weights`` are the experts' (``MergeSettings.expert_weights``); the VLM's own weight is never
-    scheduled, so expert weights of 0 give back the VLM. The method may modify ``taus`` in place.
+    The VLM's own weight is never scheduled, so expert weights of 0 give back the VLM.
     """
-    if s.method.kind == "interp":
-        out = s.method.fn([v, *taus], [s.vlm_weight, *weights], generator=generator, **s.params)
-        return out, _sq(out - v)
-    assert b is not None
-    if s.mode == "inject":
-        delta = s.method.fn(taus, weights, s.densities, generator=generator, **s.params)
-        change = _sq(delta)
-        return delta.add_(v), change
-    out = s.method.fn(
-        [v - b, *taus], [s.vlm_weight, *weights], [s.vlm_density, *s.densities],
-        generator=generator, **s.params,
-    ).add_(b)
-    return out, _sq(out - v)
+    return s.method.fn([v, *thetas], [s.vlm_weight, *weights], generator=generator, **s.params)
 
 
 def block_generator(s: MergeSettings, name: str, index: int) -> torch.Generator | None:
@@ -200,25 +178,41 @@ def merge_entry(
         return loaded.vlm.to(out_dtype, copy=True), Norms(deltas=[0.0] * len(weights))
     out = torch.empty(e.shape, dtype=out_dtype)
     norms = Norms()
-    low_memory = s.mode == "inject" and s.method.kind == "delta" and loaded.base is not None
+    k = stats_stride(e)
     for i, blk in enumerate(row_blocks(e, s.method.is_elementwise(s.params))):
         gen = block_generator(s, e.name, i)
-        if low_memory:
-            part = _inject_block(loaded, blk, out[blk], s, weights, gen, device)
+        if s.method.kind == "delta":
+            part = _delta_block(loaded, blk, out[blk], s, weights, gen, device, k)
         else:
             v = loaded.vlm[blk].to(device, torch.float32)
-            b = loaded.base[blk].to(device, torch.float32) if loaded.base is not None else None
-            taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
-            part = Norms(vlm=_sq(v))
-            if b is not None:
-                taus = [t.sub_(b) for t in taus]
-                part.base, part.deltas = _sq(b), [_sq(t) for t in taus]
-            merged, part.change = combine_block(v, b, taus, s, weights, gen)
+            thetas = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
+            merged = interpolate_block(v, thetas, s, weights, gen)
+            part = Norms(vlm=_sq(_every(v, k)), change=_sq(_every(merged, k) - _every(v, k)))
             out[blk].copy_(merged)
         norms.add(part)
     if e.row_sliced:  # the VLM-only rows (image tokens) are copied as they are
         out[e.rows :].copy_(loaded.vlm[e.rows :])
     return out, norms
+
+
+STATS_EXACT = 1 << 20  # tensors up to this many entries get exact norm statistics ...
+STATS_STRIDE = 8  # ... larger ones are measured on every 8th row (same rows for every operand)
+
+
+def stats_stride(entry: Entry) -> int:
+    """Row stride of the norm statistics of a tensor: 1 (exact) for small ones, else STATS_STRIDE.
+
+    The statistics are diagnostics (relative delta and change norms in the report); a fixed row
+    subsample keeps them representative while taking an eighth of the passes they used to.
+    """
+    n = 1
+    for d in entry.shape:
+        n *= d
+    return 1 if n <= STATS_EXACT or len(entry.shape) == 0 else STATS_STRIDE
+
+
+def _every(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t if k == 1 or t.dim() == 0 else t[::k]
 
 
 def _chunks(t: torch.Tensor) -> list[Any]:
@@ -228,32 +222,56 @@ def _chunks(t: torch.Tensor) -> list[Any]:
     return _row_slices(t.shape[0], t[0].numel() if t.shape[0] else 1)
 
 
-def _inject_block(
+def _delta_block(
     loaded: Loaded, blk: Any, out: torch.Tensor, s: MergeSettings, weights: list[float],
-    generator: torch.Generator | None, device: torch.device,
+    generator: torch.Generator | None, device: torch.device, k: int,
 ) -> Norms:
-    """Inject mode on one block, holding only the task vectors and the method's result in float32.
+    """A task-vector method on one block, holding only the task vectors and its result in float32.
 
-    theta_V and theta_B are converted chunk by chunk as they are used, so a whole-tensor method
-    (TIES on an embedding) peaks at its own working set, not at five float32 copies of the tensor.
+    inject:    theta_V + M(tau_E...)          symmetric: theta_B + M(tau_V, tau_E...)
+    theta_B (and theta_V where it is not a task vector) are converted chunk by chunk as they are
+    used, so a whole-tensor method (TIES on an embedding) peaks at its own working set, not at
+    five float32 copies of the tensor. Statistics use every ``k``-th row (``stats_stride``).
     """
+    if loaded.base is None:
+        raise ValueError(f"{loaded.entry.name}: a task-vector method needs the base's tensor")
+    symmetric = s.mode == "symmetric"
     part = Norms()
-    base = loaded.base[blk]
-    taus = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
-    for c in _chunks(base):
+    base, vlm = loaded.base[blk], loaded.vlm[blk]
+    sources = ([vlm] if symmetric else []) + [x[blk] for x in loaded.experts]
+    taus = [x.to(device, torch.float32, copy=True) for x in sources]
+    del sources
+    if blk == slice(0, loaded.entry.shape[0]) and not loaded.entry.row_sliced:
+        loaded.experts = []  # one block holds the whole tensor: the experts' own copies are done with
+    chunks = _chunks(base)
+    kept_base = None  # a one-chunk block keeps theta_B in float32 for the final add (16 MB at most)
+    for c in chunks:
         bc = base[c].to(device, torch.float32)
-        part.base += _sq(bc)
+        part.base += _sq(_every(bc, k))
         for t in taus:
             t[c].sub_(bc)
-    part.deltas = [_sq(t) for t in taus]
-    delta = s.method.fn(taus, weights, s.densities, generator=generator, **s.params)
+        if len(chunks) == 1 and symmetric:
+            kept_base = bc
+    sq = [_sq(_every(t, k)) for t in taus]
+    part.deltas = sq[1:] if symmetric else sq
+    if symmetric:
+        delta = s.method.fn(taus, [s.vlm_weight, *weights], [s.vlm_density, *s.densities],
+                            generator=generator, **s.params)
+    else:
+        delta = s.method.fn(taus, weights, s.densities, generator=generator, **s.params)
+        part.change = _sq(_every(delta, k))
     del taus
-    part.change = _sq(delta)
-    vlm = loaded.vlm[blk]
     for c in _chunks(delta):
-        vc = vlm[c].to(device, torch.float32)
-        part.vlm += _sq(vc)
-        out[c].copy_(delta[c].add_(vc))
+        if symmetric:
+            merged = delta[c].add_(kept_base if kept_base is not None else base[c].to(device, torch.float32))
+            vs = _every(vlm[c], k).to(device, torch.float32)
+            part.change += _sq(_every(merged, k) - vs)
+        else:
+            vc = vlm[c].to(device, torch.float32)
+            vs = _every(vc, k)
+            merged = delta[c].add_(vc)
+        part.vlm += _sq(vs)
+        out[c].copy_(merged)
     return part
 
 
@@ -267,7 +285,7 @@ def _load(plan: Plan, entry: Entry) -> Loaded:
     return Loaded(entry, vlm, base, experts)
 
 
-PREFETCH_BYTES = 256 * 2**20  # read ahead while the tensors already in flight hold less than this
+PREFETCH_BYTES = 128 * 2**20  # read ahead while the tensors already in flight hold less than this
 
 
 def _input_bytes(plan: Plan, e: Entry) -> int:
@@ -301,6 +319,9 @@ def _prefetch(plan: Plan, entries: Iterable[Entry], pool: ThreadPoolExecutor) ->
         yield ready
 
 
+CHECK_ELEMENTS = 1 << 20
+
+
 def unrelated_weights_check(plan: Plan, samples: int = 3) -> list[str]:
     """Warnings for experts (or the VLM) whose sampled deltas to the base look unlike a fine-tune.
 
@@ -315,9 +336,13 @@ def unrelated_weights_check(plan: Plan, samples: int = 3) -> list[str]:
     picks = {merged[0].name: merged[0], merged[len(merged) // 2].name: merged[len(merged) // 2], merged[-1].name: merged[-1]}
     worst: dict[str, tuple[float, str]] = {}
     for e in list(picks.values())[:samples]:
-        loaded = _load(plan, e)
-        b = loaded.base.float()
-        pairs = [("vlm", loaded.vlm.float())] + [(ck.label, x.float()) for ck, x in zip(plan.experts, loaded.experts)]
+        # the first rows only (about CHECK_ELEMENTS entries): an embedding read whole and made
+        # float32 three times over would be the run's peak memory
+        rows = max(1, min(e.shape[0], CHECK_ELEMENTS // max(1, e.shape[1])))
+        b = plan.base.reader.get_rows(e.base_name, rows).float()
+        pairs = [("vlm", plan.vlm.reader.get_rows(e.name, rows).float())] + [
+            (ck.label, ck.reader.get_rows(n, rows).float()) for ck, n in zip(plan.experts, e.expert_names)
+        ]
         for label, x in pairs:
             rel = _rel_norm(x - b, b)
             if rel > worst.get(label, (-1.0, ""))[0]:

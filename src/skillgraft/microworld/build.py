@@ -7,13 +7,17 @@
     expert-instruct      base fine-tuned on English questions with format instructions
     expert-math          base fine-tuned on arithmetic over counts in text scenes
     vlm                  LlavaForConditionalGeneration: tiny CLIP vision tower + projector + LM
-                         initialised from base; stage 1 trains vision+projector with the LM
-                         frozen, stage 2 trains everything (LM at a low learning rate), on
+                         initialised from base. Stage 0 pre-trains the vision tower alone to
+                         name what each cell of a picture holds (as a real VLM starts from a
+                         pre-trained CLIP); stage 1 trains vision+projector with the LM frozen,
+                         stage 2 trains everything (the LM at a low learning rate, so it stays
+                         close to the base, as a real VLM's LM stays close to its LLM), on
                          English image questions only.
 
 Each expert's data also holds a share of plain English questions over text scenes (`replay`),
 as a real fine-tune mixes in general data; the VLM never sees French, format instructions or
-arithmetic. Everything is seeded and runs deterministically on CPU (one thread per model).
+arithmetic. Everything is seeded and deterministic on CPU for a fixed thread count (the base
+on BASE_THREADS threads, every other model on one).
 """
 
 from __future__ import annotations
@@ -50,23 +54,25 @@ class Settings:
     patch: int = 16
     # schedule (steps, learning rate), batch size
     batch: int = 64
-    base_steps: int = 1500
+    base_steps: int = 3000
     base_lr: float = 3e-3
     expert_steps: int = 800
     expert_lr: float = 1e-3
     replay: float = 0.25
-    vlm1_steps: int = 800
+    vision_steps: int = 300
+    vision_lr: float = 2e-3
+    vlm1_steps: int = 600
     vlm1_lr: float = 2e-3
     vlm2_steps: int = 1500
     vlm2_lr_lm: float = 3e-4
-    vlm2_lr_vision: float = 5e-4
+    vlm2_lr_vision: float = 1e-3
     warmup: int = 50
     extras: dict = field(default_factory=dict)
 
 
 FULL = Settings()
 QUICK = Settings(hidden=32, intermediate=64, layers=2, heads=2, v_hidden=16, v_intermediate=32, v_layers=1,
-                 v_heads=2, batch=8, base_steps=3, expert_steps=2, vlm1_steps=2, vlm2_steps=2, warmup=1)
+                 v_heads=2, batch=8, base_steps=3, expert_steps=2, vision_steps=2, vlm1_steps=2, vlm2_steps=2, warmup=1)
 
 EXPERTS = ("expert-multilingual", "expert-instruct", "expert-math")
 EXPERT_SCENARIO = {"expert-multilingual": "cross_lingual", "expert-instruct": "instruction", "expert-math": "math"}
@@ -180,6 +186,7 @@ class Example:
     ids: list[int]
     loss_from: int  # first position whose token is predicted (labels before it are -100)
     image: int = -1  # index into the image tensor, -1 for text-only
+    targets: list[bool] | None = None  # per-token: is it predicted (overrides loss_from)
 
 
 def _ids(tok, text: str, bos: bool = False) -> list[int]:
@@ -205,18 +212,31 @@ def scene_qa(rng: random.Random, task: str, scene_lang: str) -> tuple[str, str]:
     return W.text_prompt(item, scene_lang), item.answer
 
 
+def scene_questions(tok, rng: random.Random) -> Example:
+    """One English scene with 1-4 questions, each answer followed by `</s>`; only answers are targets.
+
+    Predicting the random scene and question words teaches nothing; putting the loss on the
+    answers alone makes the base learn to read a scene several times faster.
+    """
+    scene = W.random_scene(rng)
+    ids = _ids(tok, f"scene : {W.describe(scene, 'en')} .", bos=True)
+    targets = [False] * len(ids)
+    for _ in range(rng.randint(1, 4)):
+        it = W.make_item(rng, "en", scene=scene)
+        q = _ids(tok, f"question : {it.question} answer :")
+        a = _ids(tok, it.answer) + [tok.eos_token_id]
+        ids += q + a
+        targets += [False] * len(q) + [True] * len(a)
+    return Example(ids, 1, targets=targets)
+
+
 def base_corpus(tok, rng: random.Random, n: int) -> list[Example]:
     lex = W.lexicon_lines()
     out = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.55:  # English scene text with questions and their answers
-            s = W.random_scene(rng)
-            qas = []
-            for _ in range(rng.randint(1, 4)):
-                it = W.make_item(rng, "en", scene=s)
-                qas.append(f"question : {it.question} answer : {it.answer}")
-            out.append(text_example(tok, f"scene : {W.describe(s, 'en')} . " + " ".join(qas)))
+        if r < 0.55:  # English scene text with questions and their answers (answers are the targets)
+            out.append(scene_questions(tok, rng))
         elif r < 0.65:  # English scene + statements
             s = W.random_scene(rng)
             out.append(text_example(tok, f"scene : {W.describe(s, 'en')} . {W.statements(s, rng, 'en')}"))
@@ -263,7 +283,10 @@ def collate(batch: list[Example], pad_id: int, pix: torch.Tensor | None) -> dict
         t = torch.tensor(e.ids)
         ids[i, : len(t)] = t
         att[i, : len(t)] = 1
-        lab[i, e.loss_from : len(t)] = t[e.loss_from :]
+        if e.targets is not None:
+            lab[i, : len(t)] = torch.where(torch.tensor(e.targets), t, -100)
+        else:
+            lab[i, e.loss_from : len(t)] = t[e.loss_from :]
     out = {"input_ids": ids, "attention_mask": att, "labels": lab}
     if pix is not None:
         out["pixel_values"] = normalize(pix[torch.tensor([e.image for e in batch])])
@@ -327,6 +350,10 @@ def _save_lm(model, tok, out: Path, meta: dict) -> None:
     (out / "microworld.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+# the base trains alone, before anything else: two threads (not more: small matmuls stop scaling,
+# and a fixed count keeps the weights the same on every machine)
+BASE_THREADS = 2
+
 # the settings that determine the base checkpoint (what `resume` compares)
 BASE_FIELDS = ("hidden", "intermediate", "layers", "heads", "batch", "base_steps", "base_lr", "warmup")
 
@@ -386,6 +413,45 @@ def _train_expert(out: Path, name: str, seed: int, s: Settings, progress: bool, 
     return time.perf_counter() - t0, loss
 
 
+CELL_CLASSES = 1 + len(W.COLORS) * len(W.SHAPES)  # empty, or one (colour, shape) pair
+
+
+def cell_labels(scene: W.Scene) -> list[int]:
+    """Class of each cell in reading order: 0 empty, else 1 + colour * len(SHAPES) + shape."""
+    return [0 if c is None else 1 + W.COLORS.index(c[0]) * len(W.SHAPES) + W.SHAPES.index(c[1]) for c in scene]
+
+
+def pretrain_vision(tower, rng: random.Random, s: Settings, seed: int, progress: bool = True,
+                    device: str = "cpu") -> float:
+    """Stage 0: train the CLIP tower to tell, from each patch's output, what its cell holds.
+
+    A stand-in for CLIP pre-training: a real VLM starts from a vision encoder that already
+    represents what is in a picture. The linear probe used here is thrown away afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    n_patches = (W.IMAGE_SIZE // s.patch) ** 2
+    if n_patches != 4:
+        raise ValueError("stage 0 expects one patch per cell (patch = IMAGE_SIZE / 2)")
+    scenes = [W.random_scene(rng) for _ in range(max(256, s.vision_steps * s.batch // 4))]
+    pix = images_uint8([W.render(sc, random.Random(rng.getrandbits(32))) for sc in scenes])
+    labels = torch.tensor([cell_labels(sc) for sc in scenes])
+    head = torch.nn.Linear(tower.config.hidden_size, CELL_CLASSES).to(device)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=s.vision_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    tower.train()
+    loss = torch.zeros(())
+    for step in tqdm(range(s.vision_steps), desc="vision stage 0", disable=not progress, leave=False):
+        idx = torch.randint(len(scenes), (s.batch,), generator=g)
+        feats = tower(pixel_values=normalize(pix[idx]).to(device)).last_hidden_state[:, 1:]
+        loss = torch.nn.functional.cross_entropy(head(feats).reshape(-1, CELL_CLASSES), labels[idx].reshape(-1).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.item())
+
+
 def _train_vlm(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
     from transformers import LlavaForConditionalGeneration
 
@@ -404,12 +470,14 @@ def _train_vlm(out: Path, seed: int, s: Settings, progress: bool, device: str, t
     lm_params = list(vlm.model.language_model.parameters()) + list(vlm.lm_head.parameters())
     vis_params = list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())
     vlm.to(device)
+    loss0 = pretrain_vision(vlm.model.vision_tower, random.Random(seed * 1000 + 23), s, seed + 23,
+                            progress=progress, device=device)
     # stage 1: vision tower + projector, language model frozen
     for p in lm_params:
         p.requires_grad_(False)
     loss1 = train(vlm, data, [(vis_params, s.vlm1_lr)], s.vlm1_steps, s, seed + 21, pad, pix,
                   desc="vlm stage 1", progress=progress, device=device)
-    # stage 2: everything, the language model at a low learning rate
+    # stage 2: everything
     for p in lm_params:
         p.requires_grad_(True)
     loss2 = train(vlm, data, [(vis_params, s.vlm2_lr_vision), (lm_params, s.vlm2_lr_lm)], s.vlm2_steps, s,
@@ -421,7 +489,7 @@ def _train_vlm(out: Path, seed: int, s: Settings, progress: bool, device: str, t
     vlm.save_pretrained(str(d))
     make_processor(tok, s).save_pretrained(str(d))
     (d / "microworld.json").write_text(json.dumps(
-        {**_meta(seed, s), "model": "vlm", "stage1_loss": loss1, "final_loss": loss2}, indent=2) + "\n")
+        {**_meta(seed, s), "model": "vlm", "stage0_loss": loss0, "stage1_loss": loss1, "final_loss": loss2}, indent=2) + "\n")
     return time.perf_counter() - t0, loss2
 
 
@@ -441,8 +509,9 @@ def build_zoo(
     """Train base, the three experts and the VLM into `out/<name>/`; returns seconds per model.
 
     `quick` shrinks the models and runs a few steps (a smoke test, not a usable zoo).
-    Every model trains on one thread (on a small shared machine, oversubscribed OpenMP threads
-    spin and slow training by an order of magnitude). The base trains first; then the experts
+    The base trains first, alone, on BASE_THREADS threads; every later model on one thread (on a
+    small shared machine, oversubscribed OpenMP threads spin and slow training by an order of
+    magnitude). Then the experts
     and the VLM, which only read the saved base, train in `jobs` worker processes (jobs=1: one
     after the other in this process; both give the same weights). `resume` reuses an
     existing `out/base` trained with the same seed and base settings (BASE_FIELDS). `only` limits the second phase
@@ -467,7 +536,7 @@ def build_zoo(
         timings["base"] = 0.0
     else:
         say("training base ...")
-        timings["base"], loss = _train_base(out, seed, s, progress, device, threads=1)
+        timings["base"], loss = _train_base(out, seed, s, progress, device, threads=BASE_THREADS)
         say(f"base: {timings['base']:.0f}s loss {loss:.3f}")
 
     todo = [n for n in (*EXPERTS, "vlm") if not only or n in only]

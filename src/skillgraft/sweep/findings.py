@@ -221,8 +221,9 @@ def write_findings(s: Settings, dirs: dict[str, Path]) -> Path:
     L += ["## Where the micro-world agrees and disagrees with the paper", ""]
     L += _paper_comparison(order, ranking, widths)
     vlm_general = max((t["vlm_general"] for t in transfer if t.get("vlm_general") is not None), default=None)
-    L += ["", "How far to trust these answers: the shipped micro-world VLM answers only "
-          f"{_pct(vlm_general)}% of its own `general` questions, and the text-only experts answer part of "
+    L += ["", "How far to trust these answers: the shipped micro-world VLM answers "
+          f"{_pct(vlm_general)}% of its own `general` questions (on the items scored here), the grid is "
+          "coarse (zones of one grid point are common), and the text-only experts answer part of "
           "their scenario without the image (see `skillgraft demo`'s table), so gains here mix using the "
           "picture with answer priors. The agreements and disagreements above are about this small world, "
           "not evidence against the paper."]

@@ -102,14 +102,7 @@ def _zeros_like_rows(t: torch.Tensor) -> torch.Tensor:
 
 def engine_merge(loaded: Loaded, settings: MergeSettings, device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
     """The engine's own per-tensor merge (all rows, VLM-only rows copied), in ``out_dtype``."""
-    if hasattr(engine, "merge_entry"):
-        out, _ = engine.merge_entry(loaded, settings, device, out_dtype)
-        return out
-    e = loaded.entry  # older engines: merge_rows returns the merged rows in float32
-    rows, _ = engine.merge_rows(loaded, settings, device)
-    out = rows.to(out_dtype).cpu()
-    if e.row_sliced:
-        out = torch.cat([out, loaded.vlm[e.rows :].to(out_dtype)])
+    out, _ = engine.merge_entry(loaded, settings, device, out_dtype)
     return out
 
 
