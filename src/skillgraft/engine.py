@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -205,10 +206,7 @@ def stats_stride(entry: Entry) -> int:
     The statistics are diagnostics (relative delta and change norms in the report); a fixed row
     subsample keeps them representative while taking an eighth of the passes they used to.
     """
-    n = 1
-    for d in entry.shape:
-        n *= d
-    return 1 if n <= STATS_EXACT or len(entry.shape) == 0 else STATS_STRIDE
+    return 1 if math.prod(entry.shape) <= STATS_EXACT else STATS_STRIDE
 
 
 def _every(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -244,14 +242,13 @@ def _delta_block(
     if blk == slice(0, loaded.entry.shape[0]) and not loaded.entry.row_sliced:
         loaded.experts = []  # one block holds the whole tensor: the experts' own copies are done with
     chunks = _chunks(base)
-    kept_base = None  # a one-chunk block keeps theta_B in float32 for the final add (16 MB at most)
     for c in chunks:
         bc = base[c].to(device, torch.float32)
         part.base += _sq(_every(bc, k))
         for t in taus:
             t[c].sub_(bc)
-        if len(chunks) == 1 and symmetric:
-            kept_base = bc
+    # a one-chunk block keeps theta_B in float32 for symmetric mode's final add (16 MB at most)
+    kept_base = bc if symmetric and len(chunks) == 1 else None
     sq = [_sq(_every(t, k)) for t in taus]
     part.deltas = sq[1:] if symmetric else sq
     if symmetric:

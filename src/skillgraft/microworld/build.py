@@ -511,11 +511,10 @@ def build_zoo(
     `quick` shrinks the models and runs a few steps (a smoke test, not a usable zoo).
     The base trains first, alone, on BASE_THREADS threads; every later model on one thread (on a
     small shared machine, oversubscribed OpenMP threads spin and slow training by an order of
-    magnitude). Then the experts
-    and the VLM, which only read the saved base, train in `jobs` worker processes (jobs=1: one
-    after the other in this process; both give the same weights). `resume` reuses an
-    existing `out/base` trained with the same seed and base settings (BASE_FIELDS). `only` limits the second phase
-    to the named models.
+    magnitude). Then the experts and the VLM, which only read the saved base, train in `jobs`
+    worker processes (jobs=1: one after the other in this process; both give the same weights).
+    `resume` reuses an existing `out/base` trained with the same seed and base settings
+    (BASE_FIELDS). `only` limits the second phase to the named models.
     """
     s = settings or (QUICK if quick else FULL)
     say = log or (print if progress else (lambda _m: None))

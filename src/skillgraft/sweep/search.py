@@ -49,7 +49,19 @@ class Search:
         """The objective of an asked point (None: the trial failed)."""
 
 
-class GridSearch(Search):
+class PointList(Search):
+    """A search whose points are all known up front (``points``); ``ask`` hands them out in order."""
+
+    points: list[dict[str, Any]]
+    _next = 0
+
+    def ask(self, n: int) -> list[dict[str, Any]]:
+        out = self.points[self._next : self._next + n]
+        self._next += len(out)
+        return out
+
+
+class GridSearch(PointList):
     """Every combination, methods outermost, dimensions in the order given; duplicates merged."""
 
     name = "grid"
@@ -67,15 +79,9 @@ class GridSearch(Search):
             raise SkillgraftError(
                 f"the grid has {len(self.points)} points but --trials is {budget}; drop --trials or use --search random"
             )
-        self._next = 0
-
-    def ask(self, n: int) -> list[dict[str, Any]]:
-        out = self.points[self._next : self._next + n]
-        self._next += len(out)
-        return out
 
 
-class RandomSearch(Search):
+class RandomSearch(PointList):
     """``budget`` independent draws, from a seeded generator: lists and steps uniformly over their
     values, continuous ranges uniformly over the interval."""
 
@@ -98,12 +104,6 @@ class RandomSearch(Search):
                 if _relevant(d, method):
                     p[d.name] = v
             self.points.append(normalise(p))
-        self._next = 0
-
-    def ask(self, n: int) -> list[dict[str, Any]]:
-        out = self.points[self._next : self._next + n]
-        self._next += len(out)
-        return out
 
 
 class OptunaSearch(Search):
