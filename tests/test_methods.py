@@ -443,6 +443,26 @@ def test_streamed_ties_equals_unchunked(small_chunks):
     assert torch.allclose(crumbs, elect_and_merge(trimmed, ws), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["ta", "ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_out_over_first_delta_gives_the_same_result(small_chunks, name):
+    """``writes_out`` methods may write over their first delta (the engine's memory saving)."""
+    m = METHODS[name]
+    assert m.writes_out
+    extra = {"gamma": 0.05} if "crumbs" in name else {}
+    g = gen(6)
+    xs = [(torch.randn(50, 77, generator=g) * 8).round() / 8 for _ in range(2)]  # ties across chunks
+    kept = [x.clone() for x in xs]
+    ref = call(name, xs, [1.0, 0.7], [0.4, 0.6], **extra)
+    assert all(torch.equal(x, k) for x, k in zip(xs, kept))  # without out: inputs untouched
+    got = m.fn(xs, [1.0, 0.7], [0.4, 0.6], generator=None, out=xs[0], **m.resolve_params(extra))
+    assert got.data_ptr() == xs[0].data_ptr()
+    assert torch.equal(got, ref)
+
+
+def test_only_streaming_methods_write_out():
+    assert {n for n, m in METHODS.items() if m.writes_out} == {"ta", "ties", "breadcrumbs", "breadcrumbs_ties"}
+
+
 def test_elementwise_flags_follow_parameters():
     """Row-block safety (the engine merges elementwise methods in blocks of whole rows)."""
     assert METHODS["ta"].is_elementwise()

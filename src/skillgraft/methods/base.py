@@ -1,7 +1,8 @@
 """What a merge method is: a pure function on tensors plus its parameters, described as data.
 
 Two kinds, both pure (no I/O, no global state, inputs never modified; randomness only from the
-``generator`` passed in):
+``generator`` passed in). The one exception is asked for by the caller: a method with ``writes_out``
+takes ``out=`` and writes its result there, which may be the first delta (see ``Method.writes_out``).
 
 - ``delta`` methods combine task vectors. ``fn(deltas, weights, densities, *, generator, **params)``
   gets float32 deltas ``tau_k = theta_k - theta_B`` of one tensor, their weights (lambda_k) and
@@ -74,6 +75,10 @@ class Method:
     # When set, narrows ``elementwise`` by the resolved parameters (e.g. DARE with a norm-matching
     # rescale needs the whole tensor). Use ``is_elementwise(params)``, not the field, to decide.
     elementwise_when: Callable[[dict[str, Any]], bool] | None = None
+    # True when ``fn`` takes ``out=``: a float32 tensor of the result's shape (it may be ``deltas[0]``,
+    # which is read chunk by chunk before being overwritten) that receives the result, saving the
+    # engine one tensor-sized buffer. Without ``out`` the function is pure like every other.
+    writes_out: bool = False
 
     def is_elementwise(self, params: dict[str, Any] | None = None) -> bool:
         """True when each output entry depends only on the same entry (row-wise methods: the same row)
@@ -125,15 +130,26 @@ class Method:
             self.validator(densities, resolved)
 
 
-def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """sum_k w_k * tau_k, accumulated in the dtype of the deltas (a new tensor; inputs untouched)."""
-    out = None
-    for d, w in zip(deltas, weights):
-        w = float(w)
-        if w == 0.0:
-            continue
-        out = torch.mul(d, w) if out is None else out.add_(d, alpha=w)
-    return torch.zeros_like(deltas[0]) if out is None else out
+def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], out: Tensor | None = None) -> Tensor:
+    """sum_k w_k * tau_k, accumulated in the dtype of the deltas: a new tensor (inputs untouched),
+    or ``out``, which may be ``deltas[0]`` (then a weight of 1 costs no pass over it)."""
+    terms = [(d, float(w)) for d, w in zip(deltas, weights) if float(w) != 0.0]
+    if out is None:
+        if not terms:
+            return torch.zeros_like(deltas[0])
+        (d0, w0), rest = terms[0], terms[1:]
+        out = torch.mul(d0, w0)
+    elif not terms:
+        return out.zero_()
+    else:
+        (d0, w0), rest = terms[0], terms[1:]
+        if d0 is not out:
+            torch.mul(d0, w0, out=out)
+        elif w0 != 1.0:
+            out.mul_(w0)
+    for d, w in rest:
+        out.add_(d, alpha=w)
+    return out
 
 
 def scaled(x: Tensor, lam: float) -> Tensor:

@@ -35,12 +35,15 @@ def breadcrumbs(
     *,
     generator: torch.Generator | None = None,
     gamma: float = 0.01,
+    out: Tensor | None = None,
     **params: object,
 ) -> Tensor:
-    """Mask outliers and small entries of each task vector, then ``lambda * sum_k w_k * tau_k``."""
+    """Mask outliers and small entries of each task vector, then ``lambda * sum_k w_k * tau_k``
+    (into ``out`` when given; it may be ``deltas[0]``, read chunk by chunk before it is written)."""
     lam = pop_lambda(params)
     check_no_params("breadcrumbs", params)
-    out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    if out is None:
+        out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
     flat = out.view(-1)
     for sl, chunks in trimmed_chunks(deltas, _trims(deltas, densities, gamma)):
         flat[sl] = weighted_sum(chunks, weights)
@@ -56,13 +59,14 @@ def breadcrumbs_ties(
     gamma: float = 0.01,
     sign_from: str = "weighted",
     normalize: bool | str = False,
+    out: Tensor | None = None,
     **params: object,
 ) -> Tensor:
-    """Breadcrumbs masks, then TIES sign election and merge of the agreeing entries."""
+    """Breadcrumbs masks, then TIES sign election and merge of the agreeing entries (into ``out``)."""
     lam = pop_lambda(params)
     check_no_params("breadcrumbs_ties", params)
     trims = _trims(deltas, densities, gamma)
-    return scaled(streamed_elect(deltas, trims, weights, sign_from, normalize), lam)
+    return scaled(streamed_elect(deltas, trims, weights, sign_from, normalize, out=out), lam)
 
 
 def _check_gamma(densities: Sequence[float], params: dict) -> None:
@@ -82,6 +86,7 @@ METHOD = Method(
     uses_density=True,
     params=(GAMMA, LAMBDA),
     validator=_check_gamma,
+    writes_out=True,
 )
 
 METHOD_TIES = Method(
@@ -93,4 +98,5 @@ METHOD_TIES = Method(
     uses_density=True,
     params=(GAMMA, SIGN_FROM, NORMALIZE, LAMBDA),
     validator=_check_gamma,
+    writes_out=True,
 )

@@ -15,15 +15,17 @@ def task_arithmetic(
     densities: Sequence[float],
     *,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
     **params: object,
 ) -> torch.Tensor:
-    """``lambda * sum_k w_k * tau_k``. Densities are ignored: TA never sparsifies.
+    """``lambda * sum_k w_k * tau_k`` (into ``out`` when given; it may be ``deltas[0]``). Densities
+    are ignored: TA never sparsifies.
 
     Same as mergekit's ``task_arithmetic`` (``normalize: false``) and PEFT's ``task_arithmetic``.
     """
     lam = pop_lambda(params)
     check_no_params("task_arithmetic", params)
-    return scaled(weighted_sum(deltas, weights), lam)
+    return scaled(weighted_sum(deltas, weights, out=out), lam)
 
 
 METHOD = Method(
@@ -34,4 +36,5 @@ METHOD = Method(
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (ICLR 2023)",
     elementwise=True,
     params=(LAMBDA,),
+    writes_out=True,
 )

@@ -119,13 +119,15 @@ def ties(
     generator: torch.Generator | None = None,
     sign_from: str = "weighted",
     normalize: bool | str = False,
+    out: Tensor | None = None,
     **params: object,
 ) -> Tensor:
-    """Trim each delta to its top-``density`` entries by magnitude, elect signs, merge the agreeing ones."""
+    """Trim each delta to its top-``density`` entries by magnitude, elect signs, merge the agreeing ones
+    (into ``out`` when given: see ``streamed_elect``)."""
     lam = pop_lambda(params)
     check_no_params("ties", params)
     trims = [magnitude_trim(d, p) for d, p in zip(deltas, densities)]
-    return scaled(streamed_elect(deltas, trims, weights, sign_from, normalize), lam)
+    return scaled(streamed_elect(deltas, trims, weights, sign_from, normalize, out=out), lam)
 
 
 def streamed_elect(
@@ -134,12 +136,15 @@ def streamed_elect(
     weights: Sequence[float],
     sign_from: str = "weighted",
     normalize: bool | str = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``elect_and_merge`` of the trimmed deltas, computed chunk by chunk into one output tensor.
 
-    Only the output is tensor-sized; every temporary is one chunk (see ``sparsify.CHUNK``).
+    Only the output is tensor-sized; every temporary is one chunk (see ``sparsify.CHUNK``). ``out``
+    (default: a new tensor) may be one of ``deltas``: each chunk is read before it is written.
     """
-    out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    if out is None:
+        out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
     flat = out.view(-1)
     for sl, chunks in trimmed_chunks(deltas, trims):
         flat[sl] = elect_and_merge(chunks, weights, sign_from=sign_from, normalize=normalize)
@@ -170,4 +175,5 @@ METHOD = Method(
     paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models (NeurIPS 2023)",
     uses_density=True,
     params=(SIGN_FROM, NORMALIZE, LAMBDA),
+    writes_out=True,
 )
