@@ -105,7 +105,13 @@ def elect_and_merge(
         return torch.zeros_like(deltas[0])
     merged.mul_(elected)
     if mode == "weights":
-        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        nonzero = [w for w in ws if w != 0.0]
+        if nonzero and min(nonzero) > 0:
+            # positive weights: the divisor is 0 (where merged is 0 too) or at least the smallest
+            # weight, so one clamp gives the same quotient as replacing its zeros (and is one pass)
+            merged.div_(divisor.clamp_(min=min(nonzero)))
+        else:
+            merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
     elif mode == "count":
         merged.div_(divisor.clamp_(min=1.0))
     return merged
