@@ -247,30 +247,26 @@ def _task_vectors(sources: list[torch.Tensor], base: torch.Tensor, device: torch
     """float32 ``tau_i = sources[i] - base``, theta_B converted chunk by chunk; also the sum of
     squares of theta_B's every ``k``-th row and its last float32 chunk.
 
-    ``one_at_a_time`` (a whole tensor): each source is turned into its task vector and dropped from
-    ``sources`` before the next, so the 16-bit input is freed at once if nothing else holds it, at
-    the cost of converting theta_B once per source. Otherwise theta_B is converted once per chunk.
+    Each source is dropped from ``sources`` once converted. ``one_at_a_time`` (a whole tensor): each
+    source becomes its task vector before the next is converted, so its 16-bit input is freed at
+    once if nothing else holds it, at the cost of converting theta_B once per source. Otherwise all
+    sources are converted first and theta_B once per chunk.
     """
     chunks = _chunks(base)
     base_sq, bc = 0.0, None
-    if not one_at_a_time:
-        taus = [x.to(device, torch.float32, copy=True) for x in sources]
+    taus: list[torch.Tensor] = []
+    groups = [[i] for i in range(len(sources))] if one_at_a_time else [list(range(len(sources)))]
+    for g, group in enumerate(groups):
+        ts = [sources[i].to(device, torch.float32, copy=True) for i in group]
+        for i in group:
+            sources[i] = None
         for c in chunks:
             bc = base[c].to(device, torch.float32)
-            base_sq += _sq(_every(bc, k))
-            for t in taus:
-                t[c].sub_(bc)
-        return taus, base_sq, bc
-    taus = []
-    for i in range(len(sources)):
-        t = sources[i].to(device, torch.float32, copy=True)
-        sources[i] = None
-        for c in chunks:
-            bc = base[c].to(device, torch.float32)
-            if i == 0:
+            if g == 0:
                 base_sq += _sq(_every(bc, k))
-            t[c].sub_(bc)
-        taus.append(t)
+            for t in ts:
+                t[c].sub_(bc)
+        taus += ts
     return taus, base_sq, bc
 
 

@@ -134,19 +134,15 @@ def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], out: Tensor
     """sum_k w_k * tau_k, accumulated in the dtype of the deltas: a new tensor (inputs untouched),
     or ``out``, which may be ``deltas[0]`` (then a weight of 1 costs no pass over it)."""
     terms = [(d, float(w)) for d, w in zip(deltas, weights) if float(w) != 0.0]
+    if not terms:
+        return torch.zeros_like(deltas[0]) if out is None else out.zero_()
+    (d0, w0), rest = terms[0], terms[1:]
     if out is None:
-        if not terms:
-            return torch.zeros_like(deltas[0])
-        (d0, w0), rest = terms[0], terms[1:]
         out = torch.mul(d0, w0)
-    elif not terms:
-        return out.zero_()
-    else:
-        (d0, w0), rest = terms[0], terms[1:]
-        if d0 is not out:
-            torch.mul(d0, w0, out=out)
-        elif w0 != 1.0:
-            out.mul_(w0)
+    elif d0 is not out:
+        torch.mul(d0, w0, out=out)
+    elif w0 != 1.0:
+        out.mul_(w0)
     for d, w in rest:
         out.add_(d, alpha=w)
     return out
