@@ -38,7 +38,8 @@ def main() -> None:
 
     from skillgraft.evaluate.base import MicroworldEvaluator
     from skillgraft.recipe import ExpertSpec, Recipe
-    from skillgraft.sweep.objective import Objective, default_target
+    from skillgraft.microworld.scenarios import scenarios_taught
+    from skillgraft.sweep.objective import Objective
     from skillgraft.sweep.runner import SweepConfig, run_sweep
     from skillgraft.sweep.space import build_space
 
@@ -69,7 +70,7 @@ def main() -> None:
         try:
             recipe = Recipe(vlm=path("vlm"), base=path("base"), experts=[ExpertSpec(model=path(args.expert))])
             cfg = SweepConfig(recipe, build_space(["ta"], [f"scale=0:1.5:{step:.10g}"], [args.expert]), ev.spec(),
-                              Objective(default_target([path(args.expert)]) or ["cross_lingual"]), inplace=inplace,
+                              Objective(scenarios_taught([path(args.expert)]) or ["cross_lingual"]), inplace=inplace,
                               report=False)
             t = time.perf_counter()
             res = run_sweep(cfg, out / "s", log=None)

@@ -90,7 +90,7 @@ def test_missing_base_for_task_vector_method(llava_triple, tmp_path):
 
 def test_bad_arguments_are_one_line(llava_triple, tmp_path):
     t = llava_triple
-    assert_user_error(run_cli("inject", t.vlm, t.expert, "--base", t.base, "--method", "nope", "-o", tmp_path / "o"), "invalid choice")
+    assert_user_error(run_cli("inject", t.vlm, t.expert, "--base", t.base, "--method", "nope", "-o", tmp_path / "o"), "unknown method 'nope'")
     assert_user_error(run_cli("inject", t.vlm, t.expert, "--base", t.base, "--density", "0", "-o", tmp_path / "o"), "density")
     assert_user_error(run_cli("inject", t.vlm, t.expert, "--base", t.base, "--param", "bogus=1", "-o", tmp_path / "o"), "no parameter 'bogus'")
     assert_user_error(run_cli("inject", t.vlm, t.expert, "--base", t.base), "-o OUT")

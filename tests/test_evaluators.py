@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from skillgraft.errors import SkillgraftError
-from skillgraft.evaluate.base import make_evaluator
+from skillgraft.evaluate import make_evaluator
 from skillgraft.evaluate.command import CommandEvaluator, lookup
 from skillgraft.evaluate.jsonl import check_constraint, load_items, score_item
 
@@ -90,7 +90,7 @@ def test_sweep_with_command_evaluator(tmp_path):
     from skillgraft.sweep.space import build_space
 
     t = build_llava_triple(tmp_path / "m")
-    code = ("import json, sys; from skillgraft.sweep.toy import ToyEvaluator; "
+    code = ("import json, sys; from toy_evaluator import ToyEvaluator; "
             f"e = ToyEvaluator({str(t.vlm)!r}, {str(t.base)!r}, {str(t.expert)!r}); "
             "print(json.dumps(e.evaluate_dir(sys.argv[1])))")
     cmd = f"{sys.executable} -c {json.dumps(code)} {{model}}"

@@ -147,22 +147,27 @@ def test_ta_injection_keeps_general(ta_multilingual):
 @needs_zoo
 def test_text_only_expert_evaluates_and_in_memory_ta_matches_checkpoint(tmp_path):
     from skillgraft.api import inject
-    from skillgraft.microworld.taskvec import TaskVectorSweep
+    from skillgraft.evaluate import MicroworldEvaluator
     from skillgraft.recipe import ExpertSpec, Recipe
+    from skillgraft.sweep.worker import Worker
 
     r = E.evaluate(zoo_path("expert-math"), limit=16, progress=False)
     assert set(r) == set(E.SCENARIOS) and all(0.0 <= v <= 1.0 for v in r.values())
-    # in-memory TA (the demo's scale sweep) predicts exactly what the written checkpoint predicts
+    # in-place TA (the demo's scale sweep, the sweep's worker) predicts exactly what the written checkpoint predicts
     recipe = Recipe(vlm=str(zoo_path("vlm")), base=str(zoo_path("base")),
                     experts=[ExpertSpec(model=str(zoo_path("expert-multilingual")), scale=0.7)], method="ta")
     out = inject(recipe, tmp_path / "m", force=True, progress=False).out_dir
     items = list(E.benchmark_items("cross_lingual"))[:32]
     m, proc = E.load(out)
     want = E.predict(m, proc, items)
-    vlm, proc = E.load(zoo_path("vlm"))
-    sweep = TaskVectorSweep(vlm, zoo_path("base"), zoo_path("expert-multilingual"))
-    sweep.set_scale(0.7)
-    assert E.predict(vlm, proc, items) == want
+    worker = Worker(recipe.model_dump(mode="json"), MicroworldEvaluator(["cross_lingual"], 32).spec(),
+                    inplace=True, methods=["ta"])
+    worker.baseline()  # loads the VLM once
+    worker.ip.apply(worker._settings(recipe))
+    assert E.predict(worker.model, worker.processor, items) == want
+    worker.ip.restore()
+    assert worker.ip.state_equal_to_original()
+    worker.close()
 
 
 def test_format_table():

@@ -33,7 +33,7 @@ def triple(tmp_path_factory):
 
 
 def toy_spec(t, **opts):
-    return {"kind": "python", "target": "skillgraft.sweep.toy:ToyEvaluator",
+    return {"kind": "python", "target": "toy_evaluator:ToyEvaluator",
             "options": {"vlm": str(t.vlm), "base": str(t.base), "expert": str(t.expert), **opts}}
 
 
@@ -182,13 +182,13 @@ def test_resume_refuses_another_sweep(triple, tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "skillgraft.sweep.cli", *args]
+    return [sys.executable, "-m", "skillgraft", *args]
 
 
 def test_kill_midway_then_resume(triple, tmp_path, capsys):
     out = tmp_path / "k"
     argv = _cli("sweep", str(triple.vlm), str(triple.expert), "--base", str(triple.base), "--method", "ta",
-                "--vary", "scale=0:1.4:0.2", "--eval", "python", "--eval-python", "skillgraft.sweep.toy:ToyEvaluator",
+                "--vary", "scale=0:1.4:0.2", "--eval", "python", "--eval-python", "toy_evaluator:ToyEvaluator",
                 "--eval-option", f"vlm={triple.vlm}", "--eval-option", f"base={triple.base}",
                 "--eval-option", f"expert={triple.expert}", "--eval-option", "delay=0.3", "-o", str(out), "-q")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
@@ -210,7 +210,7 @@ def test_kill_midway_then_resume(triple, tmp_path, capsys):
     log.close()
     assert 2 <= len(done) < 8, "the sweep should have been killed midway: " + (tmp_path / "log").read_text()[-2000:]
     before = {k: v for k, v in db_rows(out).items() if v[2] == "done"}
-    from skillgraft.sweep.cli import main  # the same command again, in this process
+    from skillgraft.cli import main  # the same command again, in this process
 
     assert main(argv[3:]) == 0
     n_trials = 8
@@ -224,7 +224,7 @@ def test_kill_midway_then_resume(triple, tmp_path, capsys):
 
 def test_report_and_recommended_command_reproduces(triple, tmp_path):
     from skillgraft.cli import main as cli_main
-    from skillgraft.evaluate.base import make_evaluator
+    from skillgraft.evaluate import make_evaluator
     from skillgraft.sweep.analysis import best_trial, inject_argv, load_results, recommended_recipe
 
     out = tmp_path / "s"
@@ -243,13 +243,13 @@ def test_report_and_recommended_command_reproduces(triple, tmp_path):
     assert got == best.scores
     # `skillgraft report` rewrites the same files from the store alone
     (out / "report.md").unlink()
-    from skillgraft.sweep.cli import main
+    from skillgraft.cli import main
 
     assert main(["report", str(out)]) == 0 and (out / "report.md").is_file()
 
 
 def test_cli_errors(triple, tmp_path, capsys):
-    from skillgraft.sweep.cli import main
+    from skillgraft.cli import main
 
     common = [str(triple.vlm), str(triple.expert), "--base", str(triple.base), "-o", str(tmp_path / "x")]
     assert main(["sweep", *common, "--vary", "scale=2:1"]) == 2

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 def test_sweep_on_local_ray(tmp_path):
     t = build_llava_triple(tmp_path / "m")
-    spec = {"kind": "python", "target": "skillgraft.sweep.toy:ToyEvaluator",
+    spec = {"kind": "python", "target": "toy_evaluator:ToyEvaluator",
             "options": {"vlm": str(t.vlm), "base": str(t.base), "expert": str(t.expert)}}
     recipe = Recipe(vlm=str(t.vlm), base=str(t.base), experts=[ExpertSpec(model=str(t.expert))])
     space = build_space(["ta", "dare"], ["scale=0.4,0.8,1.2", "density=0.5"], ["expert"])

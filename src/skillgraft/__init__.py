@@ -1,3 +1,5 @@
 """skillgraft: inject the skill of an expert LLM into a VLM by merging weights."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]

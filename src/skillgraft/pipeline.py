@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .engine import MergeSettings, output_specs, run, unrelated_weights_check
+from .defaults import DEFAULT_SHARD_SIZE
 from .errors import SkillgraftError
 from .io.outdir import atomic_output_dir, check_output_dir, copy_side_files
 from .io.reader import CheckpointReader
@@ -26,8 +27,6 @@ from .methods import METHODS
 from .recipe import Recipe
 from .schedule import is_excluded, module_kind, validate_exclude
 from .report import build_report, model_card, write_json
-
-DEFAULT_SHARD_SIZE = "5GB"
 
 
 @dataclass

@@ -103,7 +103,8 @@ class Recipe(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise SkillgraftError(f"{source}: {where}: {first['msg']}") from None
+            msg = first["msg"].removeprefix("Value error, ")
+            raise SkillgraftError(f"{source}: {where}: {msg}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":

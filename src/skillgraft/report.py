@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .mapping.plan import Plan
 from .recipe import Recipe
 

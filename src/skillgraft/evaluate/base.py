@@ -6,7 +6,7 @@ model already in memory (``supports_loaded``) let a sweep load the VLM once and 
 place, without writing a checkpoint per point.
 
 Evaluators are described by a JSON-able ``spec`` (``{"kind": "jsonl", "path": ...}``) and rebuilt from
-it with :func:`make_evaluator`, so Ray workers on other machines build the same one.
+it with :func:`skillgraft.evaluate.make_evaluator`, so Ray workers on other machines build the same one.
 
 Kinds: ``microworld`` (the micro-world suites, per scenario), ``jsonl`` (your own
 ``{image, question, answer}`` file through transformers ``generate``), ``command`` (an external
@@ -22,8 +22,6 @@ from typing import Any
 
 from ..errors import SkillgraftError
 
-KINDS = ("microworld", "jsonl", "command")
-
 
 class Evaluator(ABC):
     kind: str = "base"
@@ -31,7 +29,7 @@ class Evaluator(ABC):
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:
-        """A JSON-able description that :func:`make_evaluator` turns back into this evaluator."""
+        """A JSON-able description that ``skillgraft.evaluate.make_evaluator`` turns back into this evaluator."""
 
     def scenarios(self) -> list[str] | None:
         """The score names this evaluator reports, when known before running (None otherwise)."""
@@ -97,24 +95,6 @@ def load_processor(model_dir: str | Path) -> Any:
         except Exception:  # no processor / tokenizer files: try the next, then give up
             continue
     return None
-
-
-def make_evaluator(spec: dict[str, Any]) -> Evaluator:
-    """Rebuild an evaluator from its ``spec``."""
-    kind = spec.get("kind")
-    if kind == "microworld":
-        return MicroworldEvaluator.from_spec(spec)
-    if kind == "jsonl":
-        from .jsonl import JsonlEvaluator
-
-        return JsonlEvaluator.from_spec(spec)
-    if kind == "command":
-        from .command import CommandEvaluator
-
-        return CommandEvaluator.from_spec(spec)
-    if kind == "python":  # an in-process callable "module:function" (tests, custom scorers)
-        return PythonEvaluator.from_spec(spec)
-    raise SkillgraftError(f"unknown evaluator {kind!r}; choose from {', '.join(KINDS)}")
 
 
 class PythonEvaluator(Evaluator):

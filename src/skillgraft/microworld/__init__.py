@@ -4,6 +4,6 @@
 - `tokenizer`: the word-level tokenizer (tokenizer.json, with an `<image>` token)
 - `build`: trains base, experts and the LLaVA VLM from seed on CPU (`skillgraft zoo build`)
 - `zoo`: the shipped checkpoints (`skillgraft zoo path NAME`)
-- `taskvec`: in-memory task arithmetic on a loaded VLM (scale sweeps without writing checkpoints)
+- `scenarios`: which skill each expert teaches
 - `demo`: `skillgraft demo`
 """

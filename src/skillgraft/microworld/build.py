@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import world as W
+from .scenarios import EXPERT_NAMES, EXPERT_SCENARIO
 from .tokenizer import build_tokenizer
 
 # --------------------------------------------------------------------------- settings
@@ -78,8 +79,6 @@ FULL = Settings()
 QUICK = Settings(hidden=32, intermediate=64, layers=2, heads=2, v_hidden=16, v_intermediate=32, v_layers=1,
                  v_heads=2, batch=8, base_steps=3, expert_steps=2, vision_steps=2, vlm1_steps=2, vlm2_steps=2, warmup=1)
 
-EXPERTS = ("expert-multilingual", "expert-instruct", "expert-math")
-EXPERT_SCENARIO = {"expert-multilingual": "cross_lingual", "expert-instruct": "instruction", "expert-math": "math"}
 
 
 # --------------------------------------------------------------------------- models
@@ -408,7 +407,7 @@ def _train_expert(out: Path, name: str, seed: int, s: Settings, progress: bool, 
     _setup(threads, device)
     t0 = time.perf_counter()
     tok = build_tokenizer()
-    k = EXPERTS.index(name)
+    k = EXPERT_NAMES.index(name)
     _seed_all(seed + 10 + k)
     ex = LlamaForCausalLM(lm_config(tok, s))
     ex.load_state_dict(_load_base_state(out))
@@ -546,7 +545,7 @@ def build_zoo(
         timings["base"], loss = _train_base(out, seed, s, progress, device, threads=BASE_THREADS)
         say(f"base: {timings['base']:.0f}s loss {loss:.3f}")
 
-    todo = [n for n in (*EXPERTS, "vlm") if not only or n in only]
+    todo = [n for n in (*EXPERT_NAMES, "vlm") if not only or n in only]
 
     def job(name: str):
         if name == "vlm":

@@ -5,9 +5,9 @@ picture), and VLM+expert for each method at its demo setting (DEMO_METHODS). Col
 micro-world scenarios. Every number is a real evaluation of a real checkpoint: the merged
 checkpoints are written by `skillgraft.api.inject` into `out_dir/merged/` and read back.
 
-The accuracy-vs-scale plot for the multilingual pair (scale 0 to 1.5) applies
-theta_VLM + s * (theta_E - theta_B) in memory (`taskvec.TaskVectorSweep`), which is TA exactly,
-instead of writing 16 checkpoints.
+The accuracy-vs-scale plot for the multilingual pair (scale 0 to 1.5) applies each TA point to
+the VLM loaded once, in memory, with the sweep's own in-place worker (the same merge `inject`
+writes, bit for bit), instead of writing 16 checkpoints.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import json
 import time
 from pathlib import Path
 
+from ..evaluate import MicroworldEvaluator
 from ..evaluate import microworld as E
+from ..pipeline import inject
+from ..recipe import ExpertSpec, Recipe
+from ..sweep.worker import Worker
 from .build import FULL
+from .scenarios import EXPERT_NAMES, EXPERT_SCENARIO
 from .zoo import zoo_path
 
 # "default settings" of the demo: TA at scale 1 (the recipe default); DARE at scale 1 with
 # density 0.5 (half of each delta dropped at random, the rest rescaled by 2), seed 0.
 DEMO_METHODS = {"ta": {"scale": 1.0, "density": 1.0}, "dare": {"scale": 1.0, "density": 0.5}}
-EXPERTS = ("expert-multilingual", "expert-instruct", "expert-math")
 PLOT_SCALES = tuple(round(0.1 * i, 2) for i in range(16))  # 0.0 .. 1.5
 PLOT_SCENARIOS = ("general", "cross_lingual")
 PLOT_LIMIT = 128  # items per scenario per plot point
@@ -37,13 +41,6 @@ def _say(progress: bool, msg: str) -> None:
 def run_demo(out_dir: Path = Path("demo"), *, progress: bool = True, limit: int | None = None,
              plot_limit: int = PLOT_LIMIT, zoo: Path | None = None) -> str:
     """Run the demo, print and return the table; write out_dir/report.md and out_dir/scale_multilingual.png."""
-    import torch
-
-    from ..pipeline import inject
-    from ..recipe import ExpertSpec, Recipe
-    from .taskvec import TaskVectorSweep
-
-    torch.set_num_threads(2)
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,9 +56,9 @@ def run_demo(out_dir: Path = Path("demo"), *, progress: bool = True, limit: int 
         timings[label] = time.perf_counter() - t0
 
     ev("VLM alone", vlm_dir)
-    for ex in EXPERTS:
+    for ex in EXPERT_NAMES:
         ev(f"{ex} alone (text only)", path(ex))
-    for ex in EXPERTS:
+    for ex in EXPERT_NAMES:
         for method, kw in DEMO_METHODS.items():
             merged = out_dir / "merged" / f"vlm+{ex}-{method}"
             _say(progress, f"[demo] injecting {ex} into the VLM with {method} {kw}")
@@ -72,16 +69,18 @@ def run_demo(out_dir: Path = Path("demo"), *, progress: bool = True, limit: int 
 
     # accuracy vs scale, multilingual pair, TA in memory
     _say(progress, f"[demo] scale sweep 0..1.5 for expert-multilingual ({len(PLOT_SCALES)} points)")
-    vlm, proc = E.load(vlm_dir)
-    sweep = TaskVectorSweep(vlm, base_dir, path("expert-multilingual"))
+    recipe = Recipe(vlm=str(vlm_dir), base=str(base_dir), experts=[ExpertSpec(model=str(path("expert-multilingual")))])
+    worker = Worker(recipe.model_dump(mode="json"), MicroworldEvaluator(list(PLOT_SCENARIOS), plot_limit).spec(),
+                    inplace=True, methods=["ta"])
     curve: dict[str, list[float]] = {sc: [] for sc in PLOT_SCENARIOS}
-    for s in PLOT_SCALES:
-        sweep.set_scale(s)
-        r = E.evaluate_loaded(vlm, proc, scenarios=PLOT_SCENARIOS, limit=plot_limit, progress=False)
-        for sc in PLOT_SCENARIOS:
-            curve[sc].append(r[sc])
-        _say(progress, f"[demo]   scale {s:.1f}: " + "  ".join(f"{sc} {100 * r[sc]:.1f}" for sc in PLOT_SCENARIOS))
-    sweep.restore()
+    try:
+        for s in PLOT_SCALES:
+            r, _ = worker.run({"method": "ta", "scale": s})
+            for sc in PLOT_SCENARIOS:
+                curve[sc].append(r[sc])
+            _say(progress, f"[demo]   scale {s:.1f}: " + "  ".join(f"{sc} {100 * r[sc]:.1f}" for sc in PLOT_SCENARIOS))
+    finally:
+        worker.close()
     png = out_dir / "scale_multilingual.png"
     _plot(curve, png)
 
@@ -142,13 +141,11 @@ def _report(rows, curve, table, png_name, seconds, limit, plot_limit) -> str:
         "## What the numbers say",
         "",
     ]
-    for ex, sc in (("expert-multilingual", "cross_lingual"), ("expert-instruct", "instruction"),
-                   ("expert-math", "math")):
+    for ex, sc in EXPERT_SCENARIO.items():
         for m in DEMO_METHODS:
             r = rows[f"VLM+{ex} {m.upper()}"]
             lines.append(f"- {ex}, {m.upper()}: {sc} {_pts(v[sc], r[sc])}; general {_pts(v['general'], r['general'])}.")
-    for ex, sc in (("expert-multilingual", "cross_lingual"), ("expert-instruct", "instruction"),
-                   ("expert-math", "math")):
+    for ex, sc in EXPERT_SCENARIO.items():
         alone = rows[f"{ex} alone (text only)"][sc]
         best = max(rows[f"VLM+{ex} {m.upper()}"][sc] for m in DEMO_METHODS)
         lines.append(f"- {ex} alone, without the image, scores {100 * alone:.1f}% on {sc} (priors of the question); "

@@ -12,25 +12,16 @@ among infeasible points the less damaging ranks higher (which gives TPE a slope 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SkillgraftError
-
-# which micro-world scenario a zoo expert teaches (also read from a checkpoint's microworld.json)
-EXPERT_SCENARIO = {
-    "expert-multilingual": "cross_lingual",
-    "expert-instruct": "instruction",
-    "expert-math": "math",
-}
-
 
 @dataclass
 class Objective:
     target: list[str]
     retain: str | None = "general"
     min_retention: float = 0.95
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "retain": self.retain, "min_retention": self.min_retention}
@@ -74,28 +65,3 @@ class Objective:
         feasible = ret is None or ret >= self.min_retention - 1e-12
         obj = target if feasible else target - 1.0 - (self.min_retention - ret)
         return obj, target, ret, feasible
-
-
-def default_target(expert_dirs: list[str]) -> list[str] | None:
-    """The scenario(s) the experts teach, when they are micro-world experts; else None."""
-    import json
-    from pathlib import Path
-
-    out: list[str] = []
-    for d in expert_dirs:
-        p = Path(d)
-        name = p.name
-        meta = p / "microworld.json"
-        if meta.is_file():
-            try:
-                m = json.loads(meta.read_text())
-                name = m.get("model", name)
-                if m.get("scenario"):
-                    out.append(m["scenario"])
-                    continue
-            except ValueError:
-                pass
-        if name not in EXPERT_SCENARIO:
-            return None
-        out.append(EXPERT_SCENARIO[name])
-    return list(dict.fromkeys(out)) or None

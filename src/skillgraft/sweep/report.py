@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from .analysis import (
     Results,
     best_trial,
@@ -182,7 +182,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _summary_lines(res: Results) -> list[str]:
+def summary_lines(res: Results) -> list[str]:
     """The best point and the command that reproduces it (for the terminal)."""
     best = best_trial(res.trials)
     if best is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..errors import SkillgraftError
 from ..recipe import Recipe
 from .objective import Objective
@@ -116,7 +116,7 @@ def _choose_inplace(cfg: SweepConfig, recipe: Recipe, evaluator: Any, say: Calla
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = print) -> SweepResult:
     """Run (or resume) the sweep into ``out_dir``; returns counts and the best point."""
-    from ..evaluate.base import make_evaluator
+    from ..evaluate import make_evaluator
 
     say = log or (lambda _m: None)
     t_start = time.perf_counter()

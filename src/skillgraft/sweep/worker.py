@@ -82,7 +82,7 @@ class Worker:
                  device: str = "cpu", allow_unmatched: bool = False, threads: int | None = None):
         import torch
 
-        from ..evaluate.base import make_evaluator
+        from ..evaluate import make_evaluator
 
         if threads:
             torch.set_num_threads(threads)

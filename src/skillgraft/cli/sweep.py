@@ -1,4 +1,4 @@
-"""``skillgraft sweep`` and ``skillgraft report``: registered on the main parser by ``add_parsers``."""
+"""``skillgraft sweep``: score many merges of a VLM/expert pair and find the Goldilocks zone."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
+from .args import EXIT_INTERRUPTED, add_recipe_args, parse_assignment, recipe_from_args
+
+EVALUATORS = ("microworld", "jsonl", "command", "python")
 
 
-def add_parsers(sub: argparse._SubParsersAction, parser_class: type | None = None) -> None:
-    """Register the ``sweep`` and ``report`` subcommands on ``sub`` (the main parser's subparsers)."""
-    # ``parser_class`` is accepted for symmetry with the main CLI; subparsers already use the class the
-    # main parser gave ``add_subparsers``
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
         help="search merge hyperparameters (scale, density, method) for a VLM/expert pair",
@@ -21,10 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction, parser_class: type | None = Non
         "skillgraft sweep VLM EXPERT --base BASE --vary scale=0:1.5:0.1 --vary density=0.1,0.3,0.5,1.0 "
         "--method ta,dare,ties --eval microworld -o SWEEP. Rerunning the same command on SWEEP resumes it.",
     )
-    p.add_argument("vlm", nargs="?", help="VLM checkpoint directory")
-    p.add_argument("expert", nargs="?", help="expert LLM checkpoint directory")
-    p.add_argument("--base", help="base LLM both derive from")
-    p.add_argument("--recipe", help="YAML recipe (several experts); replaces VLM EXPERT; vary scale.LABEL per expert")
+    add_recipe_args(p, vlm_help="VLM checkpoint directory", expert_help="expert LLM checkpoint directory")
     p.add_argument("--method", default="ta", help="comma-separated methods to compare (default ta)")
     p.add_argument("--vary", action="append", default=[], metavar="NAME=SPEC",
                    help="a varied quantity: scale=0:1.5:0.1 (range, ends included), density=0.1,0.5,1 (list), "
@@ -33,12 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction, parser_class: type | None = Non
     p.add_argument("--search", default="grid", choices=["grid", "random", "optuna"], help="search strategy (default grid)")
     p.add_argument("--trials", type=int, help="number of trials for random/optuna (total, resumed runs included)")
     p.add_argument("--search-seed", type=int, default=0, help="seed of the random/optuna search (default 0)")
-    p.add_argument("--seed", type=int, help="seed of the random merge methods (default 0)")
-    p.add_argument("--mode", choices=["inject", "symmetric"], help="inject (default) or symmetric")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fixed method parameter")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=argparse.SUPPRESS)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", default="microworld", choices=["microworld", "jsonl", "command", "python"],
+    g.add_argument("--eval", default="microworld", choices=EVALUATORS,
                    help="evaluator (default microworld); python: your own scorer object from --eval-python")
     g.add_argument("--scenarios", help="micro-world scenarios to score (default: all)")
     g.add_argument("--limit", type=int, help="items per scenario / per file (default: all)")
@@ -67,48 +60,34 @@ def add_parsers(sub: argparse._SubParsersAction, parser_class: type | None = Non
     r.add_argument("--ray-workers", type=int, help="Ray actors (default: cluster CPUs / --ray-cpus-per-trial)")
     r.add_argument("--ray-cpus-per-trial", type=float, default=1.0)
     r.add_argument("--ray-gpus-per-trial", type=float, default=0.0)
-    r.add_argument("--allow-unmatched", action="store_true", help="copy VLM LM tensors without an expert counterpart")
     r.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     p.add_argument("-o", "--out", required=True, help="sweep directory (created; resumed when it holds a sweep)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines")
-    p.set_defaults(func=cmd_sweep)
-
-    rp = sub.add_parser("report", help="write report.md and plots for a sweep directory",
-                        description="Write SWEEP/report.md, its PNG plots and recommended_recipe.yaml from SWEEP/sweep.db.")
-    rp.add_argument("sweep_dir", help="a directory written by skillgraft sweep")
-    rp.set_defaults(func=cmd_report)
+    p.set_defaults(func=run)
 
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
-    from ..pipeline import check_device
+    from ..api import check_device
+    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     if args.limit is not None and args.limit < 1:
         raise SkillgraftError("--limit must be at least 1")
     if args.eval == "microworld":
-        from ..evaluate.base import MicroworldEvaluator
-
-        ev = MicroworldEvaluator(scen, args.limit, args.device)
-        return ev.spec()
+        return MicroworldEvaluator(scen, args.limit, args.device).spec()
     if args.eval == "jsonl":
         if not args.eval_file:
             raise SkillgraftError("--eval jsonl needs --eval-file FILE.jsonl")
-        from ..evaluate.jsonl import JsonlEvaluator
-
         return JsonlEvaluator(args.eval_file, limit=args.limit, device=args.device,
                               max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template).spec()
     if args.eval == "python":
         if not args.eval_python:
             raise SkillgraftError("--eval python needs --eval-python MODULE:FACTORY")
-        from ..cli import _parse_param
-
-        opts = dict(_parse_param(o) for o in args.eval_option)
+        opts = dict(parse_assignment(o, "--eval-option") for o in args.eval_option)
         return {"kind": "python", "target": args.eval_python, "options": opts}
     if not args.eval_command:
         raise SkillgraftError("--eval command needs --eval-command 'TEMPLATE with {model}'")
-    from ..evaluate.command import CommandEvaluator
-
     metrics = {}
     for m in args.eval_metric:
         if "=" not in m:
@@ -119,40 +98,33 @@ def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_config(args: argparse.Namespace):
-    from ..cli import recipe_from_args
-    from .objective import Objective, default_target
-    from .runner import SweepConfig
-    from .space import build_space
+    """The sweep's configuration from its command-line arguments (checked before anything runs)."""
+    from ..evaluate import make_evaluator
+    from ..methods import METHODS
+    from ..microworld.scenarios import scenarios_taught
+    from ..sweep.objective import Objective
+    from ..sweep.runner import SweepConfig
+    from ..sweep.space import build_space
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise SkillgraftError("--method: give at least one method")
-    from ..methods import METHODS
-
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SkillgraftError(f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}")
     if args.search in ("random", "optuna") and not args.trials:
         raise SkillgraftError(f"--search {args.search} needs --trials N")
-    from .. import cli as main_cli
-
-    # `inject`'s own defaults for every flag it knows, overlaid with the ones `sweep` shares with it
-    inject_args = vars(main_cli.build_parser().parse_args(["inject"]))
-    ns = argparse.Namespace(**{**inject_args, **{k: v for k, v in vars(args).items() if k in inject_args}})
-    ns.method, ns.scale, ns.density = methods[0], None, None
-    recipe = recipe_from_args(ns)
+    recipe = recipe_from_args(args, method=methods[0])
     labels = [e.label for e in recipe.experts]
     space = build_space(methods, args.vary, labels)
     if args.trials is not None and args.trials < 1:
         raise SkillgraftError("--trials must be at least 1")
     spec = _evaluator_spec(args)
-    from ..evaluate.base import make_evaluator
-
     ev = make_evaluator(spec)
     if args.target:
         target = [t.strip() for t in args.target.split(",") if t.strip()]
     else:
-        target = ev.default_target() or (default_target([e.model for e in recipe.experts])
+        target = ev.default_target() or (scenarios_taught([e.model for e in recipe.experts])
                                          if spec["kind"] == "microworld" else None)
         if not target:
             raise SkillgraftError("give --target SCENARIO: the score to maximise (the expert's skill)")
@@ -171,10 +143,10 @@ def build_config(args: argparse.Namespace):
     )
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .analysis import load_results
-    from .report import REPORT, _summary_lines
-    from .runner import run_sweep
+def run(args: argparse.Namespace) -> int:
+    from ..sweep.analysis import load_results
+    from ..sweep.report import REPORT, summary_lines
+    from ..sweep.runner import run_sweep
 
     cfg = build_config(args)
     try:
@@ -182,46 +154,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"error: interrupted; every scored point is kept in {args.out}: rerun the same command to resume",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(f"{res.computed} point(s) scored, {res.reused} reused from {args.out}"
           + (f", {res.failed} failed" if res.failed else "") + f" ({res.backend}, {res.seconds:.1f} s)")
-    for line in _summary_lines(load_results(args.out)):
+    for line in summary_lines(load_results(args.out)):
         print(line)
     if cfg.report:
         print(f"report: {Path(args.out) / REPORT}")
     return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from .analysis import load_results
-    from .report import _summary_lines, write_report
-
-    path = write_report(args.sweep_dir)
-    for line in _summary_lines(load_results(args.sweep_dir)):
-        print(line)
-    print(f"report: {path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The main ``skillgraft`` CLI with ``sweep`` and ``report`` registered (``python -m skillgraft.sweep.cli``)."""
-    from .. import cli as main_cli
-
-    original = main_cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "sweep" not in sub.choices:
-            add_parsers(sub, main_cli._Parser)
-        return parser
-
-    main_cli.build_parser = build
-    try:
-        return main_cli.main(argv)
-    finally:
-        main_cli.build_parser = original
-
-
-if __name__ == "__main__":
-    sys.exit(main())

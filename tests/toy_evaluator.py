@@ -6,7 +6,7 @@
 1 until ``s = safe`` and then falls, so the pair has a Goldilocks zone like a real one. It is
 deterministic and instant: the sweep machinery (search, store, resume, Ray, report) can be tested
 and demonstrated on any VLM/expert pair with it. Use as the ``python`` evaluator
-``skillgraft.sweep.toy:ToyEvaluator`` with options ``vlm``, ``base``, ``expert``.
+``toy_evaluator:ToyEvaluator`` (this tests directory on the path) with options ``vlm``, ``base``, ``expert``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ToyEvaluator:
 
     def __init__(self, vlm: str, base: str, expert: str, peak: float = 0.8, width: float = 0.5, safe: float = 0.9,
                  slope: float = 0.5, delay: float = 0.0):
-        from ..evaluate.base import load_model
+        from skillgraft.evaluate import load_model
 
         self.peak, self.width, self.safe, self.slope, self.delay = peak, width, safe, slope, float(delay)
         v, _ = load_model(vlm)
@@ -53,7 +53,7 @@ class ToyEvaluator:
         return ["target"]
 
     def load(self, model_dir: str | Path) -> tuple[Any, Any]:
-        from ..evaluate.base import load_model
+        from skillgraft.evaluate import load_model
 
         return load_model(model_dir)
 

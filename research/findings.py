@@ -1,6 +1,6 @@
 """The findings report: the paper's three questions answered on the micro-world, from measured sweeps.
 
-    python -m skillgraft.sweep.findings --out docs          # writes docs/findings.md + docs/findings/*.png
+    python research/findings.py --out docs          # writes docs/findings.md + docs/findings/*.png
 
 One seeded grid sweep per micro-world expert (multilingual -> cross_lingual, instruct -> instruction,
 math -> math), every method on the same scale x density grid (methods that ignore density see the
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXPERTS = {"expert-multilingual": "cross_lingual", "expert-instruct": "instruction", "expert-math": "math"}
+from skillgraft.microworld.scenarios import EXPERT_SCENARIO as EXPERTS
+
 METHODS = ["ta", "dare", "ties", "breadcrumbs", "della", "linear", "layerswap"]
 SCALES = "scale=0:1.5:0.1"
 DENSITIES = "density=0.3,0.7"
@@ -47,17 +48,17 @@ class Settings:
 def _zoo(settings: Settings, name: str) -> str:
     if settings.zoo:
         return str(Path(settings.zoo) / name)
-    from ..microworld.zoo import zoo_path
+    from skillgraft.microworld.zoo import zoo_path
 
     return str(zoo_path(name))
 
 
 def run_sweeps(s: Settings, log: Any = print) -> dict[str, Path]:
-    from ..evaluate.base import MicroworldEvaluator
-    from ..recipe import ExpertSpec, Recipe
-    from .objective import Objective
-    from .runner import SweepConfig, run_sweep
-    from .space import build_space
+    from skillgraft.evaluate.base import MicroworldEvaluator
+    from skillgraft.recipe import ExpertSpec, Recipe
+    from skillgraft.sweep.objective import Objective
+    from skillgraft.sweep.runner import SweepConfig, run_sweep
+    from skillgraft.sweep.space import build_space
 
     dirs = {}
     for expert in s.experts:
@@ -83,9 +84,9 @@ def _pct(x: float | None) -> str:
 
 
 def write_findings(s: Settings, dirs: dict[str, Path]) -> Path:
-    from . import plots
-    from .analysis import best_trial, load_results, zone
-    from .report import method_table
+    from skillgraft.sweep import plots
+    from skillgraft.sweep.analysis import best_trial, load_results, zone
+    from skillgraft.sweep.report import method_table
 
     fig_dir = s.out / "findings"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -243,13 +244,13 @@ def _expert_of(scenario: str) -> str:
 
 
 def _pt(p: dict[str, Any]) -> str:
-    from .space import describe
+    from skillgraft.sweep.space import describe
 
     return describe(p)
 
 
 def _command(s: Settings) -> str:
-    args = ["python -m skillgraft.sweep.findings", f"--out {s.out}", f"--work {s.work}"]
+    args = ["python research/findings.py", f"--out {s.out}", f"--work {s.work}"]
     if s.limit != LIMIT:
         args.append(f"--limit {s.limit}")
     if s.scales != SCALES:
@@ -282,7 +283,7 @@ def _methods_verdict(ranking: list[tuple[str, float]]) -> str:
 
 
 def _density_sensitivity(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    from .analysis import best_trial
+    from skillgraft.sweep.analysis import best_trial
 
     out: dict[str, dict[str, float]] = {}
     for e, r in results.items():
@@ -348,7 +349,7 @@ def _paper_comparison(order: list[dict[str, Any]], ranking: list[tuple[str, floa
 
 
 def _bar_plot(per_method: dict[str, dict[str, dict[str, Any]]], results: dict[str, Any], path: Path) -> Path | None:
-    from .plots import _plt
+    from skillgraft.sweep.plots import _plt
 
     plt = _plt()
     scen = [EXPERTS[e] for e in results]
@@ -376,7 +377,7 @@ def _bar_plot(per_method: dict[str, dict[str, dict[str, Any]]], results: dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m skillgraft.sweep.findings", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python research/findings.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs", help="where findings.md and findings/*.png go (default docs)")
     ap.add_argument("--work", default="findings-work", help="sweep stores (resumed when rerun)")
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
         procs = []
         for e in s.experts:
-            cmd = [sys.executable, "-m", "skillgraft.sweep.findings", "--sweep-only", "--experts", e, "--out", str(s.out),
+            cmd = [sys.executable, __file__, "--sweep-only", "--experts", e, "--out", str(s.out),
                    "--work", str(s.work), "--limit", str(s.limit), "--methods", ",".join(s.methods),
                    "--scales", s.scales.split("=", 1)[1], "--densities", s.densities.split("=", 1)[1], "-q"]
             if s.zoo:
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..errors import SkillgraftError
+    from skillgraft.errors import SkillgraftError
 
     try:
         sys.exit(main())

@@ -1,0 +1,50 @@
+"""The command line: a thin layer over the API, one module per command.
+
+Bad input is one `error: ...` line on stderr and exit status 2; an interrupt is exit status 130.
+Each command module has ``register(subparsers)``; its handler imports the API (and torch with it)
+only when the command runs, so ``skillgraft --help`` and ``--version`` stay fast.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from ..version import __version__
+from ..errors import SkillgraftError
+from . import demo, evaluate, inject, methods, report, sweep, zoo
+from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser
+
+COMMANDS = (inject, methods, sweep, report, demo, zoo, evaluate)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="skillgraft", description="Inject the skill of an expert LLM into a VLM by merging weights.")
+    parser.add_argument("--version", action="version", version=f"skillgraft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `skillgraft` console script."""
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return int(args.func(args) or 0)
+    except SkillgraftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was left in the output directory", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,111 @@
+"""What every command shares: the parser class, the exit codes, the recipe flags and their parsing.
+
+Nothing here imports torch: ``skillgraft --help`` and ``--version`` build every parser without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+from ..errors import SkillgraftError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a single `error: ...` line, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def floats(text: str) -> float | list[float]:
+    """``0.8`` -> 0.8; ``0,1,1,0.5`` -> a schedule."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def parse_assignment(text: str, flag: str = "--param") -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE read as YAML (``0.5`` -> 0.5, ``true`` -> True, ``l1`` -> 'l1')."""
+    import yaml
+
+    if "=" not in text:
+        raise SkillgraftError(f"{flag} expects NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SkillgraftError(f"{flag} {text!r}: the value is not a number, word or list") from None
+
+
+def add_recipe_args(p: argparse.ArgumentParser, *, vlm_help: str, expert_help: str) -> None:
+    """The flags that describe a merge, shared by ``inject`` and ``sweep``."""
+    p.add_argument("vlm", nargs="?", help=vlm_help)
+    p.add_argument("expert", nargs="?", help=expert_help)
+    p.add_argument("--base", help="base LLM both derive from (needed by every task-vector method)")
+    p.add_argument("--recipe", help="YAML recipe (several experts, per-expert scale/density); replaces VLM EXPERT")
+    p.add_argument("--mode", choices=["inject", "symmetric"], help="inject (default): VLM kept whole")
+    p.add_argument("--exclude", action="append", default=[], metavar="KINDS",
+                   help="keep these LM modules from the VLM: attention, mlp, norm, embed, lm_head or a regex "
+                   "on LM-relative names; comma-separated, repeatable (e.g. --exclude embed,lm_head)")
+    p.add_argument("--schedule", type=floats, help="multiplier of the scale over the decoder depth, e.g. 0,1,1,0")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter, repeatable")
+    p.add_argument("--seed", type=int, help="seed for random methods (default 0)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the VLM's)")
+    p.add_argument("--allow-unmatched", action="store_true", help="copy VLM LM tensors that have no expert counterpart")
+
+
+def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
+    """A Recipe from the recipe flags: a recipe file with flag overrides, or positional models.
+
+    ``method`` overrides ``args.method`` (a sweep passes its first method); ``args.scale`` and
+    ``args.density`` are read when present.
+    """
+    from ..recipe import Recipe
+
+    method = method if method is not None else getattr(args, "method", None)
+    scale, density = getattr(args, "scale", None), getattr(args, "density", None)
+    overrides = {
+        k: v
+        for k, v in {"method": method, "mode": args.mode, "seed": args.seed, "dtype": args.dtype}.items()
+        if v is not None
+    }
+    params = dict(parse_assignment(p) for p in args.param)
+    exclude = [x.strip() for item in args.exclude for x in item.split(",") if x.strip()]
+    if exclude:
+        overrides["exclude"] = exclude
+    if args.schedule is not None:
+        overrides["schedule"] = args.schedule if isinstance(args.schedule, list) else [args.schedule]
+    if args.recipe:
+        if args.vlm or args.expert:
+            raise SkillgraftError("give either --recipe or VLM EXPERT, not both")
+        data = Recipe.load(args.recipe).model_dump()
+        if args.base:
+            data["base"] = args.base
+        for e in data["experts"]:
+            e["scale"] = scale if scale is not None else e["scale"]
+            e["density"] = density if density is not None else e["density"]
+        data.update(overrides)
+        data["parameters"] = {**data.get("parameters", {}), **params}
+        return Recipe.from_dict(data, args.recipe)
+    if not args.vlm or not args.expert:
+        raise SkillgraftError("give VLM and EXPERT checkpoints (or --recipe FILE)")
+    expert: dict[str, Any] = {"model": args.expert}
+    if scale is not None:
+        expert["scale"] = scale
+    if density is not None:
+        expert["density"] = density
+    data = {"vlm": args.vlm, "base": args.base, "experts": [expert], "parameters": params, **overrides}
+    return Recipe.from_dict(data, "arguments")

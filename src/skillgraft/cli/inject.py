@@ -1,0 +1,63 @@
+"""``skillgraft inject``: merge an expert LLM's skill into a VLM and write a new checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..defaults import DEFAULT_SHARD_SIZE
+from ..errors import SkillgraftError
+from .args import add_recipe_args, floats, recipe_from_args, warn
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="merge an expert LLM's skill into a VLM",
+        description="Merge the language-model part of VLM with EXPERT relative to BASE; copy everything else. "
+        "Example: skillgraft inject vlm/ expert/ --base base/ --method ta --scale 0.8 -o merged/",
+    )
+    add_recipe_args(p, vlm_help="VLM checkpoint directory or hub id (an LLM also works)",
+                    expert_help="expert LLM checkpoint directory or hub id")
+    p.add_argument("--method", help="merge method (default ta; `skillgraft methods` lists them)")
+    p.add_argument("--scale", type=floats, help="lambda: weight of the expert's task vector (default 1.0); "
+                   "a comma list is a per-layer schedule, e.g. 0,1,1,0.5")
+    p.add_argument("--density", type=float, help="fraction kept by dare/ties (default 1.0)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per output shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit without reading weights")
+    p.add_argument("-o", "--out", help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # the API (and torch with it) is imported when the command runs, so `--help` stays fast
+    from ..api import inject, plan_only
+    from ..report import plan_table
+
+    recipe = recipe_from_args(args)
+    if args.dry_run:
+        plan = plan_only(recipe, allow_unmatched=args.allow_unmatched)
+        for w in plan.warnings:
+            warn(w)
+        print(plan_table(plan))
+        return 0
+    if not args.out:
+        raise SkillgraftError("give an output directory with -o OUT")
+    result = inject(
+        recipe,
+        args.out,
+        force=args.force,
+        device=args.device,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
+        allow_unmatched=args.allow_unmatched,
+        on_warning=warn,
+    )
+    c = result.report["counts"]
+    print(
+        f"wrote {result.out_dir}: {c['merged']} tensors merged ({c['row_sliced']} row-sliced), "
+        f"{c['copied']} copied, {result.report['seconds']:.1f} s"
+    )
+    return 0

@@ -1,0 +1,38 @@
+"""``skillgraft zoo``: the shipped micro-world checkpoints (where they are, how to rebuild them)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import Parser
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    z = sub.add_parser("zoo", help="the shipped micro-world checkpoints")
+    zsub = z.add_subparsers(dest="zoo_cmd", required=True, parser_class=Parser)
+    zp = zsub.add_parser("path", help="print the directory of a shipped checkpoint")
+    zp.add_argument("name", help="base, expert-multilingual, expert-instruct, expert-math or vlm")
+    zp.set_defaults(func=run_path)
+    zb = zsub.add_parser("build", help="retrain the whole zoo from seed on the CPU")
+    zb.add_argument("--out", required=True, help="directory for the rebuilt checkpoints")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--quick", action="store_true", help="a shrunken few-step smoke build")
+    zb.add_argument("-q", "--quiet", action="store_true")
+    zb.set_defaults(func=run_build)
+
+
+def run_path(args: argparse.Namespace) -> int:
+    from ..microworld.zoo import zoo_path
+
+    print(zoo_path(args.name))
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from ..microworld.build import build_zoo  # torch: imported when the command runs
+
+    timings = build_zoo(Path(args.out), seed=args.seed, quick=args.quick, progress=not args.quiet)
+    for name, seconds in timings.items():
+        print(f"{name:22} {seconds:8.1f} s")
+    return 0
