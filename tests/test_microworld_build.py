@@ -9,10 +9,26 @@ from skillgraft.microworld.build import build_zoo
 from skillgraft.microworld.zoo import ZOO_NAMES
 
 
+def _process_state() -> tuple:
+    import random
+
+    import numpy as np
+    import torch
+
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state(),
+            random.getstate(), np.random.get_state()[1].tobytes())
+
+
 def test_quick_build_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
 
+    import torch
+
+    before = _process_state()
     t = build_zoo(tmp_path, seed=0, quick=True, progress=False, jobs=1)
+    after = _process_state()
+    # a library call leaves the caller's threads, determinism flag and random states as they were
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2]) and before[3:] == after[3:]
     assert set(ZOO_NAMES) <= set(t) and t["total"] > 0
     for name in ZOO_NAMES:
         assert (tmp_path / name / "config.json").is_file()
@@ -20,7 +36,9 @@ def test_quick_build_end_to_end(tmp_path):
     LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "vlm"))
     AutoProcessor.from_pretrained(str(tmp_path / "vlm"))
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    threads = torch.get_num_threads()
     r = E.evaluate(tmp_path / "vlm", limit=4, progress=False)
+    assert torch.get_num_threads() == threads
     assert set(r) == set(E.SCENARIOS) and all(0.0 <= v <= 1.0 for v in r.values())
     r = E.evaluate(tmp_path / "expert-instruct", scenarios=["instruction"], limit=4, progress=False)
     assert 0.0 <= r["instruction"] <= 1.0

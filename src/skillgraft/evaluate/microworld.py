@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from ..errors import SkillgraftError
 from ..microworld import world as W
+from ..torch_state import torch_settings
 
 SCENARIOS = ("general", "cross_lingual", "instruction", "math")
 N_ITEMS = 256
@@ -160,11 +161,11 @@ def evaluate(model: str | Path, *, scenarios: Iterable[str] | None = None, limit
         bad = [s for s in scenarios if s not in SCENARIOS]
         if bad:
             raise SkillgraftError(f"unknown micro-world scenario {bad[0]!r}; choose from {', '.join(SCENARIOS)}")
-    torch.set_num_threads(min(2, torch.get_num_threads()) if device == "cpu" else torch.get_num_threads())
-    m, proc = load(model, device)
-    res = evaluate_loaded(m, proc, scenarios=scenarios, limit=limit, device=device, batch_size=batch_size,
-                          progress=progress, text_scene=text_scene)
-    return res
+    # at most two threads: the micro-world's small matmuls do not scale further (the setting is restored after)
+    with torch_settings(threads=min(2, torch.get_num_threads()) if device == "cpu" else None):
+        m, proc = load(model, device)
+        return evaluate_loaded(m, proc, scenarios=scenarios, limit=limit, device=device, batch_size=batch_size,
+                               progress=progress, text_scene=text_scene)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

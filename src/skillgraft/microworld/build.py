@@ -25,6 +25,8 @@ on BASE_THREADS threads, every other model on one).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import random
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from . import world as W
+from ..torch_state import torch_settings
 from .scenarios import EXPERT_NAMES, EXPERT_SCENARIO
 from .tokenizer import build_tokenizer
 
@@ -365,10 +368,27 @@ BASE_THREADS = 2
 BASE_FIELDS = ("hidden", "intermediate", "layers", "heads", "batch", "base_steps", "base_lr", "warmup")
 
 
-def _setup(threads: int, device: str) -> None:
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+def _isolated(train_fn: Callable) -> Callable:
+    """Run a training function with its fixed thread count, denormal flushing, deterministic algorithms
+    and global seeds, and give the caller's process back its own settings and random states after."""
+
+    @functools.wraps(train_fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(train_fn).bind(*args, **kwargs)
+        device, threads = bound.arguments["device"], bound.arguments["threads"]
+        dev = torch.device(device)
+        cuda = [dev.index or 0] if dev.type == "cuda" else []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=cuda), torch_settings(
+                threads=threads, flush_denormal=True, deterministic=True, warn_only=dev.type != "cpu"
+            ):
+                return train_fn(*args, **kwargs)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    return run
 
 
 def _meta(seed: int, s: Settings) -> dict:
@@ -385,10 +405,10 @@ def _load_base_state(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "base" / "model.safetensors"))
 
 
+@_isolated
 def _train_base(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
     from transformers import LlamaForCausalLM
 
-    _setup(threads, device)
     t0 = time.perf_counter()
     tok = build_tokenizer()
     _seed_all(seed)
@@ -400,11 +420,11 @@ def _train_base(out: Path, seed: int, s: Settings, progress: bool, device: str, 
     return time.perf_counter() - t0, loss
 
 
+@_isolated
 def _train_expert(out: Path, name: str, seed: int, s: Settings, progress: bool, device: str,
                   threads: int) -> tuple[float, float]:
     from transformers import LlamaForCausalLM
 
-    _setup(threads, device)
     t0 = time.perf_counter()
     tok = build_tokenizer()
     k = EXPERT_NAMES.index(name)
@@ -459,10 +479,10 @@ def pretrain_vision(tower, rng: random.Random, s: Settings, seed: int, progress:
     return float(loss.item())
 
 
+@_isolated
 def _train_vlm(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
     from transformers import LlavaForConditionalGeneration
 
-    _setup(threads, device)
     t0 = time.perf_counter()
     tok = build_tokenizer()
     pad = tok.pad_token_id

@@ -13,9 +13,14 @@ from ..errors import SkillgraftError
 
 
 class _WorkerActor:
-    def __init__(self, kwargs: dict[str, Any]):
+    """A Ray actor process of the sweep's own: it sets its torch thread count to its CPU share."""
+
+    def __init__(self, kwargs: dict[str, Any], threads: int):
+        import torch
+
         from .worker import Worker
 
+        torch.set_num_threads(threads)
         self.w = Worker(**kwargs)
 
     def baseline(self):
@@ -23,9 +28,6 @@ class _WorkerActor:
 
     def run(self, point: dict[str, Any]):
         return self.w.run(point)
-
-    def ping(self) -> bool:
-        return True
 
 
 def connect(address: str | None) -> Any:
@@ -57,7 +59,7 @@ class RayPool:
             workers = max(1, int(cpus // max(cpus_per_trial, 1e-9)))
         threads = max(1, int(cpus_per_trial))
         actor_cls = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(_WorkerActor)
-        self.actors = [actor_cls.remote({**worker_kwargs, "threads": threads}) for _ in range(workers)]
+        self.actors = [actor_cls.remote(worker_kwargs, threads) for _ in range(workers)]
         self.idle = list(self.actors)
         self.inflight: dict[Any, tuple[Any, str]] = {}
         self.capacity = workers

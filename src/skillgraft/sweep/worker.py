@@ -79,13 +79,9 @@ class Worker:
     """Scores points for one sweep. ``inplace``: load the VLM once and apply points in memory."""
 
     def __init__(self, recipe: dict[str, Any], evaluator: dict[str, Any], *, inplace: bool, methods: list[str],
-                 device: str = "cpu", allow_unmatched: bool = False, threads: int | None = None):
-        import torch
-
+                 device: str = "cpu", allow_unmatched: bool = False):
         from ..evaluate import make_evaluator
 
-        if threads:
-            torch.set_num_threads(threads)
         self.recipe = Recipe.model_validate(recipe)
         self.evaluator = make_evaluator(evaluator)
         self.inplace = inplace
