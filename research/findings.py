@@ -85,7 +85,7 @@ def _pct(x: float | None) -> str:
 
 def write_findings(s: Settings, dirs: dict[str, Path]) -> Path:
     from skillgraft.sweep import plots
-    from skillgraft.sweep.analysis import best_trial, load_results, zone
+    from skillgraft.sweep.analysis import best_trial, load_results
     from skillgraft.sweep.report import method_table
 
     fig_dir = s.out / "findings"
@@ -278,7 +278,7 @@ def _transfer_verdict(order: list[dict[str, Any]]) -> str:
 
 def _methods_verdict(ranking: list[tuple[str, float]]) -> str:
     top = [m for m, _ in ranking[:2]]
-    return (f"Ranked by mean gain over the three scenarios: " + ", ".join(f"{m} ({100 * g:+.1f})" for m, g in ranking)
+    return ("Ranked by mean gain over the three scenarios: " + ", ".join(f"{m} ({100 * g:+.1f})" for m, g in ranking)
             + f". The two best here: {top[0]} and {top[1]}.")
 
 

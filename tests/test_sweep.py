@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_llava_triple, load_weights
+from conftest import build_llava_triple
 
 from skillgraft.errors import SkillgraftError
 from skillgraft.recipe import ExpertSpec, Recipe
 from skillgraft.sweep.objective import Objective
 from skillgraft.sweep.runner import SweepConfig, run_sweep
-from skillgraft.sweep.space import build_space, normalise, parse_vary, point_key
+from skillgraft.sweep.space import build_space, canonical_point, parse_vary, point_key
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_vary_ranges_lists_and_errors():
         parse_vary("scale=0:2", ["e"]).grid()
     # ta ignores density: two densities are one point
     assert point_key({"method": "ta", "scale": 0.1 * 3, "density": 0.5}) == point_key({"method": "ta", "scale": 0.3})
-    assert "density" in normalise({"method": "dare", "scale": 1.0, "density": 0.5})
+    assert "density" in canonical_point({"method": "dare", "scale": 1.0, "density": 0.5})
 
 
 # ---------------------------------------------------------------------------------- in place

@@ -71,7 +71,6 @@ def model_class(config: dict[str, Any]):
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """Load a checkpoint in its stored dtype with the class its config names, plus its processor
     (or tokenizer for a plain LLM). ``trust_remote_code`` is never set."""
-    import transformers
 
     d = Path(model_dir)
     cfg_path = d / "config.json"

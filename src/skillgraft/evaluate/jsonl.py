@@ -41,7 +41,7 @@ _CONSTRAINTS = ("uppercase", "lowercase", "sentence", "answer", "contains", "not
 _NEEDS_VALUE = ("contains", "not_contains", "starts_with", "ends_with", "max_words", "min_words", "wrapped")
 
 
-def normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
     t = " ".join(str(text).split()).strip()
     if t.endswith("."):
         t = t[:-1].rstrip()
@@ -79,7 +79,7 @@ def check_constraint(pred: str, c: dict[str, Any], answer: str | None) -> bool:
     if kind == "answer":
         if answer is None:
             return False
-        return re.search(r"(?<!\w)" + re.escape(normalise(answer)) + r"(?!\w)", normalise(t)) is not None
+        return re.search(r"(?<!\w)" + re.escape(normalise_answer(answer)) + r"(?!\w)", normalise_answer(t)) is not None
     if kind == "contains":
         return str(c["value"]).casefold() in low
     if kind == "not_contains":
@@ -105,7 +105,7 @@ def score_item(pred: str, item: dict[str, Any]) -> bool:
     cons = item.get("constraints")
     if cons:
         return all(check_constraint(pred, c, item.get("answer")) for c in cons)
-    return normalise(pred) == normalise(item["answer"])
+    return normalise_answer(pred) == normalise_answer(item["answer"])
 
 
 def load_items(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,7 +75,6 @@ class Settings:
     vlm2_lr_vision: float = 1e-3
     vlm_attention_dropout: float = 0.12
     warmup: int = 50
-    extras: dict = field(default_factory=dict)
 
 
 FULL = Settings()
@@ -392,7 +391,7 @@ def _isolated(train_fn: Callable) -> Callable:
 
 
 def _meta(seed: int, s: Settings) -> dict:
-    return {"seed": seed, "settings": {k: v for k, v in s.__dict__.items() if k != "extras"}}
+    return {"seed": seed, "settings": dict(s.__dict__)}
 
 
 def _n_data(s: Settings, steps: int) -> int:

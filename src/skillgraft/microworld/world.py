@@ -22,7 +22,6 @@ CELL = IMAGE_SIZE // 2
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven")
 INSTRUCTIONS = ("capitals", "brackets", "sentence")
 

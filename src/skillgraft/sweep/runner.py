@@ -14,7 +14,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class SweepConfig:
     allow_unmatched: bool = False
     report: bool = True
     max_trials_this_run: int | None = None   # stop after this many new trials (tests, time boxes)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 from ..errors import SkillgraftError
-from .space import Dim, Space, normalise, point_key, rnd
+from .space import Dim, Space, canonical_point, point_key, rnd
 
 SEARCHES = ("grid", "random", "optuna")
 
@@ -72,7 +72,7 @@ class GridSearch(PointList):
         for method in space.methods:
             dims = [d for d in space.dims if _relevant(d, method)]
             for combo in itertools.product(*(d.grid() for d in dims)):
-                p = normalise({"method": method, **{d.name: v for d, v in zip(dims, combo)}})
+                p = canonical_point({"method": method, **{d.name: v for d, v in zip(dims, combo)}})
                 seen.setdefault(point_key(p), p)
         self.points = list(seen.values())
         if budget is not None and budget < len(self.points):
@@ -103,7 +103,7 @@ class RandomSearch(PointList):
                     v = d.cast(rng.uniform(d.low, d.high))
                 if _relevant(d, method):
                     p[d.name] = v
-            self.points.append(normalise(p))
+            self.points.append(canonical_point(p))
 
 
 class OptunaSearch(Search):
@@ -188,7 +188,7 @@ class OptunaSearch(Search):
                 else:
                     v = d.cast(trial.suggest_float(d.name, dist.low, dist.high, step=dist.step))
                 p[d.name] = v
-            p = normalise(p)
+            p = canonical_point(p)
             self.pending.setdefault(point_key(p), []).append(trial)
             self.asked += 1
             out.append(p)

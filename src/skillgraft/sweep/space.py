@@ -168,7 +168,7 @@ def build_space(methods: list[str], varies: list[str], labels: list[str]) -> Spa
     return Space(list(dict.fromkeys(methods)), dims)
 
 
-def normalise(point: dict[str, Any]) -> dict[str, Any]:
+def canonical_point(point: dict[str, Any]) -> dict[str, Any]:
     """The canonical form of a point: floats rounded, settings the method ignores removed."""
     from ..methods import METHODS
 
@@ -187,7 +187,7 @@ def normalise(point: dict[str, Any]) -> dict[str, Any]:
 
 
 def point_key(point: dict[str, Any]) -> str:
-    return json.dumps(normalise(point), sort_keys=True)
+    return json.dumps(canonical_point(point), sort_keys=True)
 
 
 def describe(point: dict[str, Any]) -> str:

@@ -15,14 +15,14 @@ from typing import Any
 
 from ..errors import SkillgraftError
 from ..recipe import Recipe
-from .space import normalise
+from .space import canonical_point
 
 
 def point_recipe(base: Recipe, point: dict[str, Any]) -> Recipe:
     """The recipe that merges ``point``: the sweep's fixed settings overlaid with the point's."""
     from ..methods import METHODS
 
-    p = normalise(point)
+    p = canonical_point(point)
     m = METHODS[p["method"]]
     known = {x.name for x in m.params}
     data = base.model_dump()
@@ -135,7 +135,7 @@ class Worker:
             t1 = time.perf_counter()
             scores = self.evaluator.evaluate_dir(self.recipe.vlm)
         t2 = time.perf_counter()
-        return _floats(scores), {"setup_s": t1 - t0, "eval_s": t2 - t1, "total_s": t2 - t0, **self.setup}
+        return _as_floats(scores), {"setup_s": t1 - t0, "eval_s": t2 - t1, "total_s": t2 - t0, **self.setup}
 
     def run(self, point: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
         """Scores of the VLM merged at ``point``, and where the time went."""
@@ -156,7 +156,7 @@ class Worker:
             t2 = time.perf_counter()
             self.ip.restore()
         t3 = time.perf_counter()
-        return _floats(scores), {"apply_s": t1 - t0, "eval_s": t2 - t1, "restore_s": t3 - t2, "total_s": t3 - t0}
+        return _as_floats(scores), {"apply_s": t1 - t0, "eval_s": t2 - t1, "restore_s": t3 - t2, "total_s": t3 - t0}
 
     def _run_streaming(self, recipe: Recipe) -> tuple[dict[str, float], dict[str, float]]:
         from ..pipeline import inject
@@ -171,14 +171,11 @@ class Worker:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         t3 = time.perf_counter()
-        return _floats(scores), {"apply_s": t1 - t0, "eval_s": t2 - t1, "restore_s": t3 - t2, "total_s": t3 - t0}
-
-    def check_restored(self) -> bool:
-        return self.ip is None or self.ip.state_equal_to_original()
+        return _as_floats(scores), {"apply_s": t1 - t0, "eval_s": t2 - t1, "restore_s": t3 - t2, "total_s": t3 - t0}
 
     def close(self) -> None:
         self.stack.close()
 
 
-def _floats(scores: dict[str, Any]) -> dict[str, float]:
+def _as_floats(scores: dict[str, Any]) -> dict[str, float]:
     return {str(k): float(v) for k, v in scores.items()}
