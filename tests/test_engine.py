@@ -11,6 +11,7 @@ from conftest import build_llava_triple, load_weights
 
 from skillgraft.api import inject, plan_only
 from skillgraft.recipe import ExpertSpec, Recipe
+from skillgraft.sources import Inputs
 
 LM_PREFIX = "language_model.model."
 
@@ -264,9 +265,10 @@ def test_merge_entry_large_tensor_formula_and_sampled_statistics(mode, method):
     assert engine.stats_stride(entry) == engine.STATS_STRIDE
     assert engine.stats_stride(Entry("n", (1024,), torch.float32, "merge", "t")) == 1
     density = 1.0 if method == "ta" else 0.5
-    s = engine.MergeSettings(method=get_method(method), params={}, mode=mode, scales=[0.8], densities=[density],
+    m = get_method(method)
+    s = engine.MergeSettings(method=m, params=m.resolve_params({}), mode=mode, scales=[0.8], densities=[density],
                              vlm_density=density)
-    out, norms = engine.merge_entry(engine.Loaded(entry, v, b, [e]), s, torch.device("cpu"), torch.float32)
+    out, norms = engine.merge_tensor(entry, Inputs(v, b, [e]), s, torch.device("cpu"), torch.float32)
     if method == "ta":
         want = v + 0.8 * (e - b) if mode == "inject" else b + (v - b) + 0.8 * (e - b)
         torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
@@ -274,3 +276,197 @@ def test_merge_entry_large_tensor_formula_and_sampled_statistics(mode, method):
     exact_delta = float(torch.linalg.vector_norm(e - b) / torch.linalg.vector_norm(b))
     assert norms.rel_change() == pytest.approx(exact_change, rel=0.05)
     assert norms.rel_deltas()[0] == pytest.approx(exact_delta, rel=0.05)
+
+
+# ------------------------------------------------------------------------------- streaming and memory
+
+
+def _run_with(recipe, out, budget=None, max_memory=None):
+    """``inject`` through ``engine.run`` with an explicit budget (block size, read-ahead, hold limit)."""
+    from contextlib import ExitStack
+
+    from skillgraft import engine
+    from skillgraft.io.writer import ShardedWriter
+    from skillgraft.pipeline import prepare
+
+    out.mkdir()
+    with ExitStack() as stack:
+        prep = prepare(recipe, stack)
+        writer = ShardedWriter(out, engine.output_specs(prep.plan, recipe.dtype), 10**9)
+        stats = engine.run(prep.plan, prep.settings, writer, progress=False, budget=budget, max_memory=max_memory)
+        writer.finish()
+    return stats
+
+
+@pytest.fixture(scope="module")
+def bitid(tmp_path_factory):
+    from test_bit_identity import FIXTURES, build_fixture
+
+    root = tmp_path_factory.mktemp("stream")
+    return {name: build_fixture(root / name, **FIXTURES[name]) for name in ("small", "large")}
+
+
+@pytest.mark.parametrize("case", ["large_ties", "large_dare_ties", "large_della", "large_breadcrumbs_ties_symmetric",
+                                  "large_dare", "large_consensus", "ties_two_normalize", "dare_ties_symmetric",
+                                  "della", "consensus_ties_symmetric"])
+def test_output_bits_do_not_depend_on_the_memory_budget(bitid, tmp_path, case):
+    """Tiny row blocks, no holding between passes (every pass re-reads the files, thresholds from sampled
+    rows), a small read-ahead: the bits recorded on the whole-tensor engine, unchanged."""
+    from test_bit_identity import CASES, DATA, _recipe, weights_digest
+
+    from skillgraft.engine import Budget
+
+    fixture, fields = CASES[case]
+    budget = Budget(max_memory=0, block_entries=50_000, ahead=300_000, hold=0, band_cap=20_000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the recorded hashes were
+    try:
+        _run_with(_recipe(bitid[fixture], fields), tmp_path / "o", budget=budget)
+    finally:
+        torch.set_num_threads(threads)
+    assert weights_digest(tmp_path / "o") == json.loads(DATA.read_text())[case]
+
+
+def test_max_memory_too_small_is_refused_up_front(llava_triple, tmp_path):
+    from skillgraft.errors import SkillgraftError
+    from skillgraft.memory import rss_bytes
+
+    with pytest.raises(SkillgraftError, match="max_memory .* too small"):
+        inject(_recipe(llava_triple), tmp_path / "o", progress=False, max_memory=rss_bytes() // 2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_whole_matrix_methods_say_so_and_are_bounded(bitid, tmp_path):
+    from skillgraft.errors import SkillgraftError
+    from skillgraft.memory import rss_bytes
+
+    r = Recipe(vlm=str(bitid["large"]["vlm"]), base=str(bitid["large"]["base"]), method="iso_c",
+               experts=[ExpertSpec(model=str(bitid["large"]["expert-a"]))])
+    # one 2100 x 2048 float32 matrix with its SVD is ~70 MB: allow a little less than that beyond this process
+    with pytest.raises(SkillgraftError, match="holds each matrix whole for its SVD.*2100 x 2048"):
+        inject(r, tmp_path / "o", progress=False, max_memory=rss_bytes() + 150 * 2**20)
+    from contextlib import ExitStack
+
+    from skillgraft.engine import describe_plan
+    from skillgraft.pipeline import prepare
+
+    with ExitStack() as stack:
+        prep = prepare(r, stack)
+        lines = describe_plan(prep.plan, prep.settings)
+    assert "iso_c holds each of 9 matrices whole for its SVD (largest: language_model.lm_head.weight, 2100 x 2048" \
+        in lines[0]
+
+
+def test_run_changes_no_process_wide_state(llava_triple, tmp_path, monkeypatch):
+    import ctypes
+
+    def no_libc(*a, **k):
+        raise AssertionError("the engine loaded libc (allocator settings are the CLI's)")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    threads = torch.get_num_threads()
+    inject(_recipe(llava_triple, method="ties", density=0.5), tmp_path / "o", progress=False)
+    assert torch.get_num_threads() == threads
+
+
+# ------------------------------------------------------------------------------- non-finite numbers
+
+
+def _damaged(src, dst, name, value):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    t[name] = t[name].clone()
+    t[name].view(-1)[3] = value
+    save_file(t, dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("who, value", [("expert", float("nan")), ("base", float("inf")), ("vlm", float("-inf"))])
+def test_non_finite_inputs_are_refused_naming_tensor_and_file(llava_triple, tmp_path, who, value):
+    from skillgraft.errors import SkillgraftError
+
+    t = llava_triple
+    name = "language_model.model.layers.1.mlp.up_proj.weight" if who == "vlm" else "model.layers.1.mlp.up_proj.weight"
+    paths = {"vlm": t.vlm, "base": t.base, "expert": t.expert}
+    paths[who] = _damaged(paths[who], tmp_path / who, name, value)
+    r = Recipe(vlm=str(paths["vlm"]), base=str(paths["base"]), method="ties",
+               experts=[ExpertSpec(model=str(paths["expert"]), density=0.5)])
+    with pytest.raises(SkillgraftError, match=r"non-finite values .* in language_model\.model\.layers\.1\.mlp\.up_proj"
+                                              rf"\.weight of {tmp_path / who}/model\.safetensors") as err:
+        inject(r, tmp_path / "o", progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_float16_overflow_is_refused(llava_triple, tmp_path):
+    from skillgraft.errors import SkillgraftError
+
+    with pytest.raises(SkillgraftError, match=r"merged language_model\..* overflows float16 .* bfloat16 or float32"):
+        inject(_recipe(llava_triple, scale=1e7, dtype="float16"), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------- experts that hold task vectors
+
+
+class DeltaReader:
+    """A reader over a dict of task vectors (what a skill or LoRA reader hands the engine)."""
+
+    holds_deltas = True
+
+    def __init__(self, tensors, config):
+        self.t, self.config, self.root = tensors, config, "<deltas>"
+
+    @property
+    def names(self):
+        return list(self.t)
+
+    def __contains__(self, name):
+        return name in self.t
+
+    def shape(self, name):
+        return tuple(self.t[name].shape)
+
+    def dtype(self, name):
+        return self.t[name].dtype
+
+    def nbytes(self, name):
+        return self.t[name].numel() * self.t[name].element_size()
+
+    def get(self, name):
+        return self.t[name].clone()
+
+    def get_rows(self, name, rows):
+        return self.t[name][:rows].clone()
+
+
+@pytest.mark.parametrize("method, density", [("ta", 1.0), ("ties", 0.4), ("dare_ties", 0.5)])
+def test_experts_holding_task_vectors_merge_without_a_base(llava_triple, tmp_path, method, density):
+    from skillgraft import engine
+    from skillgraft.io.reader import CheckpointReader
+    from skillgraft.io.writer import ShardedWriter
+    from skillgraft.mapping.plan import build_plan
+    from skillgraft.pipeline import _settings
+
+    t = llava_triple
+    want = inject(_recipe(t, method=method, density=density, scale=0.7, seed=2), tmp_path / "want", progress=False)
+    e, b = load_weights(t.expert), load_weights(t.base)
+    skill = DeltaReader({k: v.float() - b[k].float() for k, v in e.items()}, CheckpointReader(t.expert).config)
+    recipe = _recipe(t, method=method, density=density, scale=0.7, seed=2)
+    settings, _ = _settings(recipe)
+    with CheckpointReader(t.vlm) as vlm:
+        plan = build_plan(vlm, [("expert", skill)], None)
+        assert plan.base is None
+        settings.n_layers = plan.n_layers
+        (tmp_path / "got").mkdir()
+        writer = ShardedWriter(tmp_path / "got", engine.output_specs(plan, "auto"), 10**9)
+        engine.run(plan, settings, writer, progress=False)
+        writer.finish()
+    got, ref = load_weights(tmp_path / "got"), load_weights(want.out_dir)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k

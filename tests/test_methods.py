@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from skillgraft.methods import METHODS, get_method
-from skillgraft.methods.sparsify import (
-    della_probabilities,
-    keep_count,
-    magnitude_mask,
-    outlier_mask,
-    random_mask,
-)
+from skillgraft.methods.sparsify import della_probabilities, magnitude_mask, outlier_mask, random_mask
+from skillgraft.methods.topk import keep_count
 
 T = torch.tensor
 
@@ -23,13 +18,9 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def call(name, deltas, weights, densities=None, seed=0, **params):
-    m = METHODS[name]
-    p = m.resolve_params(params)
-    if m.kind == "delta":
-        densities = densities or [1.0] * len(deltas)
-        return m.fn(deltas, weights, densities, generator=gen(seed), **p)
-    return m.fn(deltas, weights, generator=gen(seed), **p)
+def call(name, xs, weights, densities=None, seed=0, **params):
+    """The one call signature of every method, delta or interpolation."""
+    return METHODS[name].fn(xs, weights, densities, generator=gen(seed), **params)
 
 
 # --------------------------------------------------------------------------- registry
@@ -41,16 +32,18 @@ EXPECTED = {
 }
 
 
-def test_registry_has_every_method_with_paper_and_docstring():
+def test_registry_has_every_method_with_paper_and_typed_parameters():
     assert set(METHODS) == EXPECTED
     for name, m in METHODS.items():
         assert m.name == name
-        assert m.paper and m.summary
-        assert m.fn.__doc__, name
+        assert m.paper and m.summary and m.composition()
         assert len({p.name for p in m.params}) == len(m.params)
         assert m.kind in ("delta", "interp")
-    assert METHODS["layerswap"].layer_rule == "layerswap"
-    assert all(m.layer_rule is None for n, m in METHODS.items() if n != "layerswap")
+        for p in m.params:
+            assert p.doc and p.kind in ("float", "int", "choice"), (name, p.name)
+            assert p.validate(p.default, name) == p.default  # every default is valid
+    assert METHODS["layerswap"].layer_weights is not None
+    assert all(m.layer_weights is None for n, m in METHODS.items() if n != "layerswap")
     assert {n for n, m in METHODS.items() if m.stochastic} == {"dare", "dare_ties", "della", "della_linear"}
     assert not METHODS["linear"].needs_base and METHODS["ta"].needs_base
 
@@ -88,8 +81,37 @@ def test_check_rejects_impossible_settings_before_any_weight_is_read():
 
 
 def test_unknown_kwarg_is_an_error_not_silently_ignored():
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="has no parameter 'densty'"):
         METHODS["ta"].fn([T([1.0])], [1.0], [1.0], generator=None, densty=0.5)
+
+
+@pytest.mark.parametrize("name, params, match", [
+    ("breadcrumbs", {"gamma": float("nan")}, "non-finite"),
+    ("breadcrumbs", {"gamma": 1.0}, r"float in \[0, 1\)"),
+    ("ta", {"lambda": float("inf")}, "non-finite"),
+    ("della", {"epsilon": -0.1}, "epsilon"),
+    ("consensus", {"k": 0}, "k"),
+    ("consensus", {"k": 1.5}, "int"),
+    ("layerswap", {"first_k": [1, 2]}, "cannot vary per layer"),
+    ("tsv", {"fraction": 0.0}, "fraction"),
+    ("slerp", {"t": 1.5}, "float in"),
+    ("dare", {"rescale": "l3"}, "one of"),
+    ("dare", {"rescale": 1}, "one of"),  # 1 is not True
+])
+def test_typed_parameters_refuse_bad_values(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        get_method(name).resolve_params(params)
+
+
+def test_numeric_parameters_take_per_layer_schedules():
+    m = get_method("breadcrumbs")
+    assert m.resolve_params({"gamma": [0.0, 0.1]})["gamma"] == [0.0, 0.1]
+    assert m.resolve_params({"lambda": [1, 0.5]})["lambda"] == [1.0, 0.5]
+    with pytest.raises(ValueError, match="non-finite"):
+        m.resolve_params({"gamma": [0.0, float("nan")]})
+    specs = {p.name: p for p in get_method("della").params}
+    assert specs["epsilon"].per_layer and specs["lambda"].per_layer and not specs["sampler"].per_layer
+    assert "per layer" in specs["epsilon"].describe()
 
 
 # --------------------------------------------------------------------------- worked example (docs)
@@ -379,102 +401,21 @@ def test_model_stock_by_hand():
     assert torch.allclose(out, (2 / 3) * (t1 + t2) / 2, atol=1e-6)
     # opposite vectors: denominator 0 -> keep the base
     assert torch.equal(call("model_stock", [t1, -t1], [1.0, 1.0]), torch.zeros(2))
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match="at least 2 task vectors"):
         call("model_stock", [t1], [1.0])
+
+
+def test_interpolation_and_delta_methods_share_one_signature():
+    v, e = T([1.0, 2.0]), T([3.0, 6.0])
+    assert torch.equal(METHODS["linear"].fn([v, e], [1.0, 1.0], [0.3, 0.7]), METHODS["linear"].fn([v, e], [1.0, 1.0]))
+    inputs = [v.clone(), e.clone()]
+    for name in METHODS:
+        if name in ("model_stock", "slerp", "consensus"):
+            continue
+        METHODS[name].fn(inputs, [1.0, 0.5], [0.6, 0.6], generator=gen(1))
+        assert torch.equal(inputs[0], v) and torch.equal(inputs[1], e), name  # inputs never modified
 
 
 def test_layerswap_fn_is_ta():
     a, b = T([1.0, 2.0]), T([3.0, -1.0])
     assert torch.allclose(call("layerswap", [a, b], [1.0, 0.5]), call("ta", [a, b], [1.0, 0.5]))
-
-
-# --------------------------------------------------------------------------- streamed (chunked) paths
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force many chunks and the sampled-band threshold path on small tensors."""
-    from skillgraft.methods import sparsify
-
-    monkeypatch.setattr(sparsify, "CHUNK", 997)
-    monkeypatch.setattr(sparsify, "_EXACT_BELOW", 500)
-    monkeypatch.setattr(sparsify, "_SAMPLE", 256)
-
-
-def _naive_mask(x, k):
-    """Reference: top-k by |x|, ties broken by position (stable sort on -|x|)."""
-    order = torch.sort(-x.abs().flatten(), stable=True).indices[:k]
-    m = torch.zeros(x.numel(), dtype=torch.bool)
-    m[order] = True
-    return m.view(x.shape)
-
-
-@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.9])
-def test_streamed_topk_matches_reference_with_ties_across_chunks(small_chunks, density):
-    g = gen(1)
-    x = (torch.randn(40, 250, generator=g) * 8).round() / 8  # heavy ties, spanning chunk borders
-    k = keep_count(x.numel(), density)
-    assert torch.equal(magnitude_mask(x, density), _naive_mask(x, k))
-
-
-@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.2), (0.3, 0.0)])
-def test_streamed_outlier_mask_matches_reference(small_chunks, density, gamma):
-    g = gen(2)
-    x = (torch.randn(60, 130, generator=g) * 16).round() / 16
-    n = x.numel()
-    target, n_top = int(density * n), int(gamma * n)
-    n_top = n - target - max(0, n - target - n_top)
-    ref = _naive_mask(x, target + n_top) & ~_naive_mask(x, n_top)
-    assert torch.equal(outlier_mask(x, density, gamma), ref)
-
-
-def test_streamed_ties_equals_unchunked(small_chunks):
-    from skillgraft.methods.ties import elect_and_merge
-
-    g = gen(3)
-    xs = [torch.randn(50, 77, generator=g) for _ in range(3)]
-    ws, ds = [1.0, 0.6, -0.3], [0.4, 0.7, 0.2]
-    trimmed = [x * _naive_mask(x, keep_count(x.numel(), d)) for x, d in zip(xs, ds)]
-    for mode in (False, "weights", "count"):
-        ref = elect_and_merge(trimmed, ws, normalize=mode)
-        got = call("ties", xs, ws, ds, normalize=mode)
-        assert torch.allclose(got, ref, atol=1e-6)
-    crumbs = call("breadcrumbs_ties", xs, ws, ds, gamma=0.0)
-    assert torch.allclose(crumbs, elect_and_merge(trimmed, ws), atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["ta", "ties", "breadcrumbs", "breadcrumbs_ties"])
-def test_out_over_first_delta_gives_the_same_result(small_chunks, name):
-    """``writes_out`` methods may write over their first delta (the engine's memory saving)."""
-    m = METHODS[name]
-    assert m.writes_out
-    extra = {"gamma": 0.05} if "crumbs" in name else {}
-    g = gen(6)
-    xs = [(torch.randn(50, 77, generator=g) * 8).round() / 8 for _ in range(2)]  # ties across chunks
-    kept = [x.clone() for x in xs]
-    ref = call(name, xs, [1.0, 0.7], [0.4, 0.6], **extra)
-    assert all(torch.equal(x, k) for x, k in zip(xs, kept))  # without out: inputs untouched
-    got = m.fn(xs, [1.0, 0.7], [0.4, 0.6], generator=None, out=xs[0], **m.resolve_params(extra))
-    assert got.data_ptr() == xs[0].data_ptr()
-    assert torch.equal(got, ref)
-
-
-def test_only_streaming_methods_write_out():
-    assert {n for n, m in METHODS.items() if m.writes_out} == {"ta", "ties", "breadcrumbs", "breadcrumbs_ties"}
-
-
-def test_elementwise_flags_follow_parameters():
-    """Row-block safety (the engine merges elementwise methods in blocks of whole rows)."""
-    assert METHODS["ta"].is_elementwise()
-    assert METHODS["dare_ties"].is_elementwise() and not METHODS["dare_ties"].is_elementwise({"rescale": "l1"})
-    assert not METHODS["ties"].is_elementwise()  # the trim threshold is global
-    assert METHODS["consensus"].is_elementwise() and not METHODS["consensus"].is_elementwise({"base": "ties"})
-    # DELLA is row-wise: its keep probabilities of a row block are those of the whole tensor's rows
-    x = torch.randn(12, 30, generator=gen(4))
-    assert torch.equal(della_probabilities(x, 0.5, 0.1)[3:7], della_probabilities(x[3:7], 0.5, 0.1))
-    # elementwise methods give the same result on blocks as on the whole tensor (deterministic ones)
-    xs = [torch.randn(12, 30, generator=gen(5)) for _ in range(2)]
-    for name in ("ta", "consensus", "layerswap"):
-        whole = call(name, xs, [1.0, 0.5])
-        blocks = torch.cat([call(name, [x[i : i + 5] for x in xs], [1.0, 0.5]) for i in range(0, 12, 5)])
-        assert torch.allclose(whole, blocks), name

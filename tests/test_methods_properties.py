@@ -24,12 +24,7 @@ def tensors(seed: int, shape, n: int) -> list[torch.Tensor]:
 
 
 def run(name, xs, weights, densities=None, seed=0, **params):
-    m = METHODS[name]
-    p = m.resolve_params(params)
-    g = torch.Generator().manual_seed(seed)
-    if m.kind == "delta":
-        return m.fn(xs, weights, densities or [1.0] * len(xs), generator=g, **p)
-    return m.fn(xs, weights, generator=g, **p)
+    return METHODS[name].fn(xs, weights, densities, generator=torch.Generator().manual_seed(seed), **params)
 
 
 def della_safe(name: str, density: float) -> tuple[float, dict]:
@@ -40,7 +35,7 @@ def della_safe(name: str, density: float) -> tuple[float, dict]:
 
 
 def n_needed(name: str) -> int:
-    return max(2, METHODS[name].min_deltas)
+    return max(2, METHODS[name].min_inputs)
 
 
 # ----------------------------------------------------------------- density 1 reduces to TA

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from skillgraft.methods import METHODS
-from skillgraft.schedule import (
-    effective_weights,
-    is_excluded,
-    layerswap_multiplier,
-    lm_layer_index,
-    method_multiplier,
-    module_kind,
-    scale_multiplier,
-    validate_exclude,
-    value_at,
-)
+from skillgraft.methods import METHODS, Schedule
+from skillgraft.schedule import effective_weights, is_excluded, lm_layer_index, module_kind, validate_exclude, value_at
 
 
 @pytest.mark.parametrize(
@@ -78,40 +68,55 @@ def test_explicit_per_layer_list():
 def test_scalar_and_single_value_schedules():
     assert value_at(0.7, 3, 10) == 0.7
     assert value_at([0.7], 3, 10) == 0.7
-    assert scale_multiplier(None, 3, 10) == 1.0
     with pytest.raises(ValueError):
         value_at([], 0, 4)
 
 
+def test_a_list_of_one_value_per_layer_is_exact():
+    # interpolation would give 1 - 1e-16 for some layers of a 0/1 list; one value per layer is indexed
+    per_layer = [float(i % 2) for i in range(100)]
+    assert [value_at(per_layer, i, 100) for i in range(100)] == per_layer
+
+
 def test_non_layer_tensors_rule():
     s = [0.0, 1.0]
-    # default: embed at the start, final norm / lm_head at the end of the network
+    # embed at the start, final norm / lm_head at the end of the network, other non-layer tensors at the start
     assert value_at(s, None, 8, "embed") == 0.0
     assert value_at(s, None, 8, "lm_head") == 1.0
     assert value_at(s, None, 8, "norm") == 1.0
-    # mergekit's rule: all non-layer tensors at t=0
-    assert value_at(s, None, 8, "lm_head", nonlayer="mergekit") == 0.0
-    assert scale_multiplier(s, None, 8, "norm", nonlayer="mergekit") == 0.0
+    assert value_at(s, None, 8, "other") == 0.0
+    # a Schedule may give them their own values
+    sched = Schedule((1.0, 1.0), before=0.25, after=0.5, other=0.75)
+    assert [value_at(sched, None, 8, k) for k in ("embed", "norm", "lm_head", "other")] == [0.25, 0.5, 0.5, 0.75]
+    assert value_at(sched, 3, 8) == 1.0
 
 
-def test_layerswap_multiplier():
+def _layerswap(first_k, last_k, n):
+    m = METHODS["layerswap"]
+    return m.layer_weights(m.resolve_params({"first_k": first_k, "last_k": last_k}), n)
+
+
+def test_layerswap_rule_is_schedule_data():
     n = 8
-    assert [layerswap_multiplier(i, n, 2, 1) for i in range(n)] == [0, 0, 1, 1, 1, 1, 1, 0]
-    assert [layerswap_multiplier(i, n, 0, 3) for i in range(n)] == [1, 1, 1, 1, 1, 0, 0, 0]
-    assert layerswap_multiplier(None, n, 2, 0, "embed") == 0.0
-    assert layerswap_multiplier(None, n, 0, 2, "embed") == 1.0
-    assert layerswap_multiplier(None, n, 0, 2, "lm_head") == 0.0
-    assert layerswap_multiplier(None, n, 2, 0, "norm") == 1.0
+    assert [value_at(_layerswap(2, 1, n), i, n) for i in range(n)] == [0, 0, 1, 1, 1, 1, 1, 0]
+    assert [value_at(_layerswap(0, 3, n), i, n) for i in range(n)] == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert value_at(_layerswap(2, 0, n), None, n, "embed") == 0.0
+    assert value_at(_layerswap(0, 2, n), None, n, "embed") == 1.0
+    assert value_at(_layerswap(0, 2, n), None, n, "lm_head") == 0.0
+    assert value_at(_layerswap(2, 0, n), None, n, "norm") == 1.0
+    assert value_at(_layerswap(2, 2, n), None, n, "other") == 1.0
+    # one layer: the layer follows first_k, the head last_k
+    assert value_at(_layerswap(1, 0, 1), 0, 1) == 0.0 and value_at(_layerswap(1, 0, 1), None, 1, "lm_head") == 1.0
 
 
-def test_method_multiplier_and_effective_weights():
+def test_effective_weights():
     ls = METHODS["layerswap"]
     p = ls.resolve_params({"first_k": 1, "last_k": 1})
-    assert method_multiplier(ls, p, "layers.0.mlp.up_proj.weight", 4) == 0.0
-    assert method_multiplier(ls, p, "layers.1.mlp.up_proj.weight", 4) == 1.0
-    assert method_multiplier(ls, p, "lm_head.weight", 4) == 0.0
+    assert effective_weights(ls, p, "layers.0.mlp.up_proj.weight", 4, [1.0]) == [0.0]
+    assert effective_weights(ls, p, "layers.1.mlp.up_proj.weight", 4, [1.0]) == [1.0]
+    assert effective_weights(ls, p, "lm_head.weight", 4, [1.0]) == [0.0]
     ta = METHODS["ta"]
-    assert method_multiplier(ta, {}, "layers.0.mlp.up_proj.weight", 4) == 1.0
+    assert effective_weights(ta, {}, "layers.0.mlp.up_proj.weight", 4, [1.0]) == [1.0]
     # per-expert schedule x recipe-wide schedule x layer rule
     w = effective_weights(ta, {}, "layers.2.mlp.up_proj.weight", 5, [0.8, [0.0, 1.0]], schedule=[1.0, 0.0])
     assert w == pytest.approx([0.8 * 0.5, 0.5 * 0.5])

@@ -1,66 +1,48 @@
-"""The streaming executor: one tensor at a time, read lazily, merged in float32, written as it comes.
+"""The streaming executor: every tensor in row blocks of bounded size, read ahead, merged, written.
 
-Reading the next tensors and writing the previous one overlap with the merge of the current one
-(one reader thread, one writer thread), so memory stays at a handful of tensors whatever the
-model size, and wall time approaches the time to read the inputs once and write the output once.
+Each plan entry becomes a job: copy the VLM's rows, or merge them with the method's
+``TensorMerge`` (``skillgraft.methods.base``): statistics passes when the method needs a
+whole-tensor statistic (a top-k threshold, a norm, an angle), then the apply pass, block by block.
+Reads run ahead in one thread (``sources.Feed``), writes behind in another, so wall time
+approaches reading the inputs once and writing the output once, and memory is bounded by the
+budget (``max_memory``), not by the largest tensor. A tensor whose method needs statistics passes
+and whose inputs fit the budget is read once and held; a larger one is read again for each pass.
+
+Random methods draw from one generator per *random block* (whole rows of about ``RANDOM_BLOCK``
+entries for row-local methods, the whole tensor otherwise), seeded by the recipe seed and the
+tensor name: the bits do not depend on the memory budget, the block size, threads or device.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .errors import SkillgraftError
 from .io.writer import ShardedWriter, TensorSpec
 from .mapping.plan import Entry, Plan
-from .methods import Method
-from .schedule import effective_weights
+from .memory import default_max_memory, rss_bytes
+from .methods import Method, TensorMerge
+from .methods.params import at_layer
+from .methods.sparsify import sample_positions
+from .methods.topk import SAMPLE
+from .schedule import effective_weights, lm_layer_index, module_kind, value_at
+from .sources import Feed, FileSource, Inputs, MemorySource, Read, holds_deltas, sample_rows
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameter numbers (glibc malloc.h)
-HEAP_LIMIT = 96 * 2**20  # blocks up to this size are kept on the heap for reuse; larger ones are mapped
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def return_freed_memory() -> None:
-    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``), before a large
-    whole-tensor merge, so its float32 buffers do not stack on memory kept for small tensors."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def reuse_freed_memory() -> None:
-    """Ask glibc to keep freed tensor memory for reuse instead of unmapping it after every tensor.
-
-    Each large tensor otherwise gets fresh pages from the kernel, and zeroing them in page
-    faults costs more than the merge arithmetic (measured: a 46 MB float32 op 40 ms -> 18 ms).
-    Blocks over HEAP_LIMIT (an embedding's buffers, a few per merge) are still mapped and returned
-    on free: kept on the heap they fragment it, and peak memory grew with every large tensor
-    (TIES: 1.33 GB after the embedding, 1.81 GB at the LM head). No effect on other C libraries.
-    """
-    libc = _libc()
-    if libc is None:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, HEAP_LIMIT)  # smaller blocks from the heap, where they are reused
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # keep freed heap memory instead of trimming it
-    libc.mallopt(_M_ARENA_MAX, 1)  # one heap for all threads: the reader's blocks are freed by the merge
+RANDOM_BLOCK = 1 << 22  # entries of a random block of row-local random methods (and the largest work block)
+ALL_ROWS = slice(None)  # a read of an entry held whole
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -81,14 +63,28 @@ def output_specs(plan: Plan, dtype: str) -> list[TensorSpec]:
 
 
 @dataclass
+class TensorArgs:
+    """What the method gets for one tensor: weights, densities and parameters after per-layer schedules."""
+
+    weights: list[float]  # the experts'
+    densities: list[float]
+    params: dict[str, Any]
+    op_weights: list[float]  # per operand: the VLM's first in symmetric mode and for interpolations
+    op_densities: list[float]
+
+
+@dataclass
 class MergeSettings:
-    """What the engine needs to merge one tensor; built from a recipe by the API."""
+    """What the engine needs to merge every tensor; built from a recipe by the pipeline.
+
+    ``scales``, ``densities`` and numeric ``params`` may each be a number or a per-layer schedule.
+    """
 
     method: Method
     params: dict[str, Any]
     mode: str  # "inject" | "symmetric"
-    scales: list[float | list[float]]  # per expert: a number or a per-layer schedule
-    densities: list[float]
+    scales: list[float | list[float]]  # per expert
+    densities: list[float | list[float]]
     vlm_weight: float = 1.0
     vlm_density: float = 1.0
     seed: int = 0
@@ -98,20 +94,35 @@ class MergeSettings:
 
     def expert_weights(self, entry: Entry) -> list[float]:
         """The experts' weights for this tensor: scales x schedules x the method's layer rule."""
-        return effective_weights(
-            self.method, self.params, entry.lm_name or entry.name, self.n_layers, self.scales, self.schedule
-        )
+        return effective_weights(self.method, self.params, entry.lm_name or entry.name, self.n_layers, self.scales,
+                                 self.schedule)
+
+    def tensor_args(self, entry: Entry) -> TensorArgs:
+        """Weights, densities and parameters of one tensor, checked (ValueError) before any weight is read."""
+        rel = entry.lm_name or entry.name
+        layer, kind = lm_layer_index(rel), module_kind(rel)
+
+        def at(v: Any) -> float:
+            return value_at(v, layer, self.n_layers, kind)
+
+        weights = self.expert_weights(entry)
+        densities = [at(d) for d in self.densities]
+        params = at_layer(self.params, at)
+        m = self.method
+        if m.kind == "interp":
+            op_w, op_d = [self.vlm_weight, *weights], [1.0] * (len(weights) + 1)
+        elif self.mode == "symmetric":
+            op_w, op_d = [self.vlm_weight, *weights], [self.vlm_density, *densities]
+        else:
+            op_w, op_d = list(weights), list(densities)
+        for d in op_d:
+            if not 0.0 < d <= 1.0:
+                raise ValueError(f"{entry.name}: density must be in (0, 1], got {d}")
+        m.check_tensor(op_w, op_d, params)
+        return TensorArgs(weights, densities, params, op_w, op_d)
 
 
-@dataclass
-class Loaded:
-    entry: Entry
-    vlm: torch.Tensor
-    base: torch.Tensor | None = None
-    experts: list[torch.Tensor] = field(default_factory=list)
-
-
-CHUNK_ELEMENTS = 1 << 22  # row blocks of elementwise merges: 4M entries, 16 MB per float32 operand
+# ---------------------------------------------------------------------------------- statistics
 
 
 @dataclass
@@ -133,7 +144,22 @@ class Norms:
         return (self.change / self.vlm) ** 0.5 if self.vlm > 0 else 0.0
 
     def rel_deltas(self) -> list[float]:
-        return [(d / self.base) ** 0.5 if self.base > 0 else float("inf") for d in self.deltas]
+        """Each task vector's norm relative to the base's (the VLM's when the base was not read)."""
+        ref = self.base if self.base > 0 else self.vlm
+        return [(d / ref) ** 0.5 if ref > 0 else float("inf") for d in self.deltas]
+
+
+STATS_EXACT = 1 << 20  # tensors up to this many entries get exact norm statistics ...
+STATS_STRIDE = 8  # ... larger ones are measured on every 8th row (same rows for every operand)
+
+
+def stats_stride(entry: Entry) -> int:
+    """Row stride of the norm statistics of a tensor: 1 (exact) for small ones, else STATS_STRIDE.
+
+    The statistics are diagnostics (relative delta and change norms in the report); a fixed row
+    subsample keeps them representative at an eighth of the cost.
+    """
+    return 1 if math.prod(entry.shape) <= STATS_EXACT else STATS_STRIDE
 
 
 def _sq(t: torch.Tensor) -> float:
@@ -146,231 +172,397 @@ def _rel_norm(delta: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(delta)) / denom if denom > 0 else float("inf")
 
 
-def interpolate_block(v: torch.Tensor, thetas: list[torch.Tensor], s: MergeSettings, weights: list[float],
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """Interpolation methods (no base): M(theta_V, theta_E...) with weights (w_V, lambda_E...) on a float32 block.
-
-    The VLM's own weight is never scheduled, so expert weights of 0 give back the VLM.
-    """
-    return s.method.fn([v, *thetas], [s.vlm_weight, *weights], generator=generator, **s.params)
+# ---------------------------------------------------------------------------------- jobs
 
 
-def block_generator(s: MergeSettings, name: str, index: int) -> torch.Generator | None:
-    """The seeded generator of row block ``index`` of tensor ``name`` (None for deterministic methods).
+@dataclass(frozen=True)
+class Budget:
+    """How a run uses its memory: block size, read-ahead, what a tensor may hold between passes."""
 
-    It lives on the CPU, so masks are the same whatever device computes the merge; block 0 is
-    keyed by the tensor name alone.
-    """
-    if not s.method.stochastic:
-        return None
-    gen = torch.Generator()
-    gen.manual_seed(tensor_seed(s.seed, name if index == 0 else f"{name}#{index}"))
-    return gen
+    max_memory: int
+    block_entries: int = RANDOM_BLOCK
+    ahead: int = 256 * 2**20
+    hold: int = 0
+    band_cap: int | None = None  # entries a top-k band may gather (None: the TopK default)
 
 
-def row_blocks(entry: Entry, elementwise: bool) -> list[Any]:
-    """Index expressions covering the merged rows: row blocks for elementwise methods, else one."""
-    if not entry.shape:
-        return [...]
-    n = entry.rows if entry.rows is not None else entry.shape[0]
-    if not elementwise:
-        return [slice(0, n)]
-    per_row = 1
-    for d in entry.shape[1:]:
-        per_row *= d
-    return _row_slices(n, per_row) or [slice(0, 0)]
+IN_MEMORY = Budget(max_memory=0, hold=1 << 62)
 
 
-def _row_slices(n_rows: int, per_row: int) -> list[slice]:
-    """Consecutive row ranges of at most about CHUNK_ELEMENTS entries covering ``n_rows`` rows."""
-    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+def _row_slices(n_rows: int, step: int) -> list[slice]:
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)] or [slice(0, 0)]
 
 
-def merge_entry(
-    loaded: "Loaded", s: MergeSettings, device: torch.device, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, Norms]:
-    """Merge one tensor, block by block, into a new CPU tensor of ``out_dtype``; VLM-only rows copied."""
-    e = loaded.entry
-    weights = s.expert_weights(e)
-    if s.mode == "inject" and s.method.kind == "delta" and all(w == 0 for w in weights):
-        # nothing is added: the VLM's tensor as it is (bit-exact, -0.0 included), not V + 0
-        return loaded.vlm.to(out_dtype, copy=True), Norms(deltas=[0.0] * len(weights))
-    blocks = row_blocks(e, s.method.is_elementwise(s.params))
-    if len(blocks) == 1 and math.prod(e.shape) * 4 > HEAP_LIMIT:
-        return_freed_memory()
-    out = torch.empty(e.shape, dtype=out_dtype)
-    norms = Norms()
-    k = stats_stride(e)
-    for i, blk in enumerate(blocks):
-        gen = block_generator(s, e.name, i)
-        if s.method.kind == "delta":
-            part = _delta_block(loaded, blk, out[blk], s, weights, gen, device, k)
+@dataclass
+class Job:
+    """One plan entry's work: a copy (``kernel`` None) or a merge, in blocks of whole rows."""
+
+    key: int
+    entry: Entry
+    out_dtype: torch.dtype
+    kernel: TensorMerge | None
+    args: TensorArgs | None
+    rows: int  # merged rows (every row for a copy)
+    row_len: int
+    work: list[tuple[slice, int]]  # work blocks and the random block each belongs to
+    random_blocks: list[slice]
+    tail: list[slice]  # VLM-only rows after the merged ones, copied
+    hold: bool = False
+    deltas: list[bool] = field(default_factory=list)
+    roles_op: tuple[str, ...] = ()
+    roles_apply: tuple[str, ...] = ()
+    sample: tuple[int, ...] | None = None
+    row_bytes: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def read(self, rows: slice | tuple[int, ...], roles: tuple[str, ...]) -> Read:
+        if rows == ALL_ROWS:
+            n = self.rows + sum(r.stop - r.start for r in self.tail)
+        elif isinstance(rows, slice):
+            n = rows.stop - rows.start
         else:
-            v = loaded.vlm[blk].to(device, torch.float32)
-            thetas = [x[blk].to(device, torch.float32, copy=True) for x in loaded.experts]
-            merged = interpolate_block(v, thetas, s, weights, gen)
-            part = Norms(vlm=_sq(_every(v, k)), change=_sq(_every(merged, k) - _every(v, k)))
-            out[blk].copy_(merged)
-        norms.add(part)
-    if e.row_sliced:  # the VLM-only rows (image tokens) are copied as they are
-        out[e.rows :].copy_(loaded.vlm[e.rows :])
-    return out, norms
+            n = len(rows)
+        return Read(self.key, rows, roles, n * self.row_bytes.get(roles, 0))
+
+    def requests(self) -> list[Read]:
+        """Every read of this job in the order the engine makes them (what the feed runs ahead)."""
+        if self.kernel is None:
+            return [self.read(blk, ("vlm",)) for blk, _ in self.work]
+        if self.hold:
+            return [self.read(ALL_ROWS, self.roles_apply)]
+        out = [self.read(self.sample, self.roles_op)] if self.sample is not None else []
+        for _ in range(self.kernel.planned_passes):
+            out += [self.read(blk, self.roles_op) for blk, _ in self.work]
+        out += [self.read(blk, self.roles_apply) for blk, _ in self.work]
+        return out + [self.read(blk, ("vlm",)) for blk in self.tail]
 
 
-STATS_EXACT = 1 << 20  # tensors up to this many entries get exact norm statistics ...
-STATS_STRIDE = 8  # ... larger ones are measured on every 8th row (same rows for every operand)
-
-
-def stats_stride(entry: Entry) -> int:
-    """Row stride of the norm statistics of a tensor: 1 (exact) for small ones, else STATS_STRIDE.
-
-    The statistics are diagnostics (relative delta and change norms in the report); a fixed row
-    subsample keeps them representative while taking an eighth of the passes they used to.
-    """
-    return 1 if math.prod(entry.shape) <= STATS_EXACT else STATS_STRIDE
-
-
-def _every(t: torch.Tensor, k: int) -> torch.Tensor:
-    return t if k == 1 or t.dim() == 0 else t[::k]
-
-
-def _chunks(t: torch.Tensor) -> list[Any]:
-    """Row ranges of at most about CHUNK_ELEMENTS entries covering ``t`` (``[...]`` for a scalar)."""
-    if t.dim() == 0:
-        return [...]
-    return _row_slices(t.shape[0], t[0].numel() if t.shape[0] else 1)
-
-
-def _task_vectors(sources: list[torch.Tensor], base: torch.Tensor, device: torch.device, k: int,
-                  one_at_a_time: bool) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-    """float32 ``tau_i = sources[i] - base``, theta_B converted chunk by chunk; also the sum of
-    squares of theta_B's every ``k``-th row and its last float32 chunk.
-
-    Each source is dropped from ``sources`` once converted. ``one_at_a_time`` (a whole tensor): each
-    source becomes its task vector before the next is converted, so its 16-bit input is freed at
-    once if nothing else holds it, at the cost of converting theta_B once per source. Otherwise all
-    sources are converted first and theta_B once per chunk.
-    """
-    chunks = _chunks(base)
-    base_sq, bc = 0.0, None
-    taus: list[torch.Tensor] = []
-    groups = [[i] for i in range(len(sources))] if one_at_a_time else [list(range(len(sources)))]
-    for g, group in enumerate(groups):
-        ts = [sources[i].to(device, torch.float32, copy=True) for i in group]
-        for i in group:
-            sources[i] = None
-        for c in chunks:
-            bc = base[c].to(device, torch.float32)
-            if g == 0:
-                base_sq += _sq(_every(bc, k))
-            for t in ts:
-                t[c].sub_(bc)
-        taus += ts
-    return taus, base_sq, bc
-
-
-def _delta_block(
-    loaded: Loaded, blk: Any, out: torch.Tensor, s: MergeSettings, weights: list[float],
-    generator: torch.Generator | None, device: torch.device, k: int,
-) -> Norms:
-    """A task-vector method on one block, holding only the task vectors and its result in float32.
-
-    inject:    theta_V + M(tau_E...)          symmetric: theta_B + M(tau_V, tau_E...)
-    theta_B (and theta_V where it is not a task vector) are converted chunk by chunk as they are
-    used. When one block is the whole tensor (a whole-tensor method such as TIES on an embedding),
-    each 16-bit input is released as soon as it is done with and a ``writes_out`` method writes over
-    its first task vector, so the peak is about the float32 task vectors. Statistics use every
-    ``k``-th row (``stats_stride``).
-    """
-    if loaded.base is None:
-        raise ValueError(f"{loaded.entry.name}: a task-vector method needs the base's tensor")
-    symmetric = s.mode == "symmetric"
-    whole = blk == slice(0, loaded.entry.shape[0]) and not loaded.entry.row_sliced
-    part = Norms()
-    base, vlm = loaded.base[blk], loaded.vlm[blk]
-    chunks = _chunks(base)
-    # symmetric mode, whole tensor: the VLM rows the change statistic needs, kept without the VLM
-    v_rows = [_every(vlm[c], k).clone() for c in chunks] if symmetric and whole else []
-    sources = ([vlm] if symmetric else []) + [x[blk] for x in loaded.experts]
-    if whole:  # the record's references go, so the task vectors below free each input as they go
-        loaded.experts = []
-        if symmetric:
-            loaded.vlm, vlm = None, None
-    taus, part.base, bc = _task_vectors(sources, base, device, k, one_at_a_time=whole)
-    del sources
-    # a one-chunk block keeps theta_B in float32 for symmetric mode's final add (16 MB at most)
-    kept_base = bc if symmetric and len(chunks) == 1 else None
-    if whole and not symmetric:  # inject mode adds the result to theta_V: theta_B is done with
-        loaded.base, base, bc = None, None, None
-    sq = [_sq(_every(t, k)) for t in taus]
-    part.deltas = sq[1:] if symmetric else sq
-    # a streaming method may write its result over the first task vector (each chunk is read
-    # before it is overwritten): one float32 tensor fewer at the peak
-    out_kw = {"out": taus[0]} if s.method.writes_out else {}
-    if symmetric:
-        delta = s.method.fn(taus, [s.vlm_weight, *weights], [s.vlm_density, *s.densities],
-                            generator=generator, **out_kw, **s.params)
-    else:
-        delta = s.method.fn(taus, weights, s.densities, generator=generator, **out_kw, **s.params)
-        part.change = _sq(_every(delta, k))
-    del taus
-    for i, c in enumerate(_chunks(delta)):
-        if symmetric:
-            merged = delta[c].add_(kept_base if kept_base is not None else base[c].to(device, torch.float32))
-            vs = (v_rows[i] if v_rows else _every(vlm[c], k)).to(device, torch.float32)
-            part.change += _sq(_every(merged, k) - vs)
-        else:
-            vc = vlm[c].to(device, torch.float32)
-            vs = _every(vc, k)
-            merged = delta[c].add_(vc)
-        part.vlm += _sq(vs)
-        out[c].copy_(merged)
-    return part
-
-
-def _load(plan: Plan, entry: Entry) -> Loaded:
-    vlm = plan.vlm.reader.get(entry.name)
-    if entry.action == "copy":
-        return Loaded(entry, vlm)
-    r = entry.rows
-    experts = [ck.reader.get_rows(n, r) for ck, n in zip(plan.experts, entry.expert_names)]
-    base = plan.base.reader.get_rows(entry.base_name, r) if plan.base is not None and entry.base_name else None
-    return Loaded(entry, vlm, base, experts)
-
-
-PREFETCH_BYTES = 128 * 2**20  # read ahead while the tensors already in flight hold less than this
-
-
-def _input_bytes(plan: Plan, e: Entry) -> int:
-    n = plan.vlm.reader.nbytes(e.name)
+def make_job(key: int, e: Entry, s: MergeSettings, budget: Budget, deltas: list[bool],
+             row_bytes: Callable[[tuple[str, ...]], int] | None = None) -> Job:
+    """The job of plan entry ``e`` (raises ValueError for a merge the settings cannot run)."""
+    out_dtype = output_dtype(e, s.dtype)
+    shape = tuple(e.shape) or (1,)
+    row_len = math.prod(shape[1:])
+    step = max(1, budget.block_entries // max(row_len, 1))
+    kernel, args = None, None
+    rows = shape[0]
     if e.action == "merge":
-        n += sum(ck.reader.nbytes(x) for ck, x in zip(plan.experts, e.expert_names))
-        if plan.base is not None and e.base_name:
-            n += plan.base.reader.nbytes(e.base_name)
+        args = s.tensor_args(e)
+        if not (s.mode == "inject" and s.method.kind == "delta" and all(w == 0 for w in args.weights)):
+            rows = e.rows if e.rows is not None else shape[0]
+            kernel = s.method.kernel((rows, *shape[1:]), args.op_weights, args.op_densities, args.params,
+                                     band_cap=budget.band_cap)
+    if kernel is None:
+        work = [(blk, 0) for blk in _row_slices(shape[0], step)]
+        job = Job(key, e, out_dtype, None, args, shape[0], row_len, work, [], [])
+    else:
+        grid = max(1, RANDOM_BLOCK // max(row_len, 1)) if kernel.row_local else max(rows, 1)
+        randoms = _row_slices(rows, grid)
+        work = [(slice(r.start + b.start, r.start + b.stop), i)
+                for i, r in enumerate(randoms) for b in _row_slices(r.stop - r.start, step)]
+        tail = [slice(rows + t.start, rows + t.stop) for t in _row_slices(shape[0] - rows, step)] if rows < shape[0] else []
+        job = Job(key, e, out_dtype, kernel, args, rows, row_len, work, randoms, tail, deltas=deltas)
+        symmetric = s.mode == "symmetric" and s.method.kind == "delta"
+        needs_base = s.method.kind == "delta" and (symmetric or not all(deltas))
+        job.roles_op = (("vlm",) if symmetric or s.method.kind == "interp" else ()) + (
+            ("base",) if needs_base else ()) + ("experts",)
+        job.roles_apply = tuple(dict.fromkeys(("vlm",) + job.roles_op))
+    for roles in {job.roles_op, job.roles_apply, ("vlm",)}:
+        if roles and row_bytes is not None:
+            job.row_bytes[roles] = row_bytes(roles)
+    return job
+
+
+def _hold_or_stream(job: Job, budget: Budget) -> None:
+    """Hold a multi-pass tensor's inputs when they fit the budget (or it is one block); else sample rows."""
+    k = job.kernel
+    if k is None:
+        return
+    whole = job.read(ALL_ROWS, job.roles_apply).nbytes
+    job.hold = len(job.work) == 1 or (k.planned_passes > 0 and whole <= budget.hold)
+    if k.needs_sample and not job.hold:
+        job.sample = sample_rows(job.rows, job.row_len, 4 * SAMPLE, job.rows)
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+
+def _every(t: torch.Tensor, k: int, start: int) -> torch.Tensor:
+    """Rows of ``t`` whose global index (``start`` + local) is a multiple of ``k``."""
+    return t if k == 1 else t[(-start) % k :: k]
+
+
+def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.device) -> list[torch.Tensor]:
+    """float32 copies the merge may overwrite: ``tau_k`` (delta methods) or ``theta`` (interpolations)."""
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, torch.float32, copy=True)
+
+    if s.method.kind == "interp":
+        return [f32(inp.vlm)] + [f32(x) for x in inp.experts]
+    symmetric = s.mode == "symmetric"
+    sources = ([(inp.vlm, False)] if symmetric else []) + list(zip(inp.experts, deltas))
+    base = None
+    out = []
+    for x, is_delta in sources:
+        t = f32(x)
+        if not is_delta:
+            if inp.base is None:
+                raise SkillgraftError(f"method {s.method.name} needs the base's tensor; give the base model")
+            if base is None:
+                base = inp.base.to(device, torch.float32)
+            t.sub_(base)
+        out.append(t)
+    return out
+
+
+class _Randoms:
+    """The random streams of one job and pass: a fresh seeded generator per random block."""
+
+    def __init__(self, job: Job, seed: int):
+        self.job, self.seed = job, seed
+        self.index, self.streams = -1, None
+
+    def get(self, i: int) -> Any:
+        k = self.job.kernel
+        if not k.random:
+            return None
+        if i != self.index:
+            name = self.job.entry.name
+            gen = torch.Generator()
+            gen.manual_seed(tensor_seed(self.seed, name if i == 0 else f"{name}#{i}"))
+            r = self.job.random_blocks[i]
+            self.index, self.streams = i, k.streams(gen, (r.stop - r.start) * self.job.row_len)
+        return self.streams
+
+
+def _check_finite(job: Job, inp: Inputs, merged: torch.Tensor, where: Callable[[str, int], str]) -> None:
+    """Refuse a block whose result is NaN/Inf or overflows the output dtype (one reduction per block);
+    only then look for the culprit among the inputs."""
+    if merged.numel() == 0:
+        return
+    lo, hi = torch.aminmax(merged)
+    ends = torch.stack([lo, hi])
+    if bool(torch.isfinite(ends.to(job.out_dtype)).all()):
+        return
+    name = job.entry.name
+    named = [("vlm", 0, inp.vlm), ("base", 0, inp.base)] + [("experts", j, x) for j, x in enumerate(inp.experts or [])]
+    for role, j, t in named:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SkillgraftError(f"non-finite values (NaN or Inf) in {name} of {where(role, j)}; "
+                                  "the checkpoint is damaged or was saved from a diverged run")
+    if bool(torch.isfinite(ends).all()):
+        big = float(ends.abs().max())
+        raise SkillgraftError(f"merged {name} overflows {str(job.out_dtype).replace('torch.', '')} (largest "
+                              f"magnitude {big:.3g}); merge to bfloat16 or float32, or lower the scale")
+    raise SkillgraftError(f"merging {name} gave non-finite values (NaN or Inf) from finite inputs; "
+                          f"check the method's parameters ({job.args.params if job.args else {}})")
+
+
+def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice,
+                 device: torch.device) -> tuple[torch.Tensor, Norms]:
+    """One block of the apply pass: the merged float32 rows and their norm statistics."""
+    k, start = stats_stride(job.entry), blk.start
+    xs = _operands(inp, s, job.deltas, device)
+    part = Norms()
+    kind, symmetric = s.method.kind, s.mode == "symmetric"
+    if kind == "interp":
+        vs = _every(xs[0], k, start).clone()
+    else:
+        sq = [_sq(_every(t, k, start)) for t in xs]
+        part.deltas = sq[1:] if symmetric else sq
+        base = inp.base.to(device, torch.float32) if inp.base is not None else None
+        if base is not None:
+            part.base = _sq(_every(base, k, start))
+    delta = job.kernel.apply(xs, streams, blk)
+    if kind == "interp":
+        merged = delta
+    elif symmetric:
+        merged = delta.add_(base)
+        vs = _every(inp.vlm, k, start).to(device, torch.float32)
+    else:
+        vc = inp.vlm.to(device, torch.float32)
+        part.change = _sq(_every(delta, k, start))
+        merged = delta.add_(vc)
+        vs = _every(vc, k, start)
+    if kind == "interp" or symmetric:
+        part.change = _sq(_every(merged, k, start) - vs)
+    part.vlm = _sq(vs)
+    return merged, part
+
+
+Write = Callable[[torch.Tensor], None]
+
+
+def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write) -> None:
+    """Stream the VLM's tensor to the output as it is (cast to the output dtype)."""
+    for blk, _ in job.work:
+        write(take(job.read(blk, ("vlm",))).vlm.to(job.out_dtype))
+
+
+def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, device: torch.device, write: Write,
+                where: Callable[[str, int], str] = lambda role, j: role) -> Norms:
+    """Merge one tensor: sample, statistics passes, apply pass, VLM-only rows; blocks to ``write``."""
+    k = job.kernel
+    get = take
+    if job.hold:
+        held = take(job.read(ALL_ROWS, job.roles_apply))
+        mem = MemorySource(held)
+        get = mem.read
+    if k.needs_sample:
+        if job.hold:
+            inp = mem.gather(sample_positions(job.rows * job.row_len), job.roles_op)
+        else:
+            inp = take(job.read(job.sample, job.roles_op))
+        k.take_sample([x.reshape(-1) for x in _operands(inp, s, job.deltas, device)])
+    p = 0
+    while k.pending(p):
+        randoms = _Randoms(job, s.seed)
+        for blk, i in job.work:
+            k.observe(p, _operands(get(job.read(blk, job.roles_op)), s, job.deltas, device), randoms.get(i), blk)
+        k.finish(p)
+        p += 1
+    norms = Norms()
+    randoms = _Randoms(job, s.seed)
+    for blk, i in job.work:
+        inp = get(job.read(blk, job.roles_apply))
+        merged, part = _apply_block(job, inp, s, randoms.get(i), blk, device)
+        _check_finite(job, inp, merged, where)
+        norms.add(part)
+        write(merged.to(job.out_dtype))
+    for blk in job.tail:
+        write(get(job.read(blk, ("vlm",))).vlm.to(job.out_dtype))
+    return norms
+
+
+def merge_tensor(entry: Entry, inputs: Inputs, s: MergeSettings, device: torch.device, out_dtype: torch.dtype,
+                 deltas: list[bool] | None = None) -> tuple[torch.Tensor, Norms]:
+    """Merge one tensor held in memory (``inputs``: the VLM's whole tensor, the base's and experts'
+    merged rows); ``deltas[k]`` marks experts that are task vectors already. The engine's own
+    per-tensor merge, block for block as ``run`` writes it."""
+    deltas = deltas if deltas is not None else [False] * len(inputs.experts or [])
+    job = make_job(0, entry, s, IN_MEMORY, deltas)
+    job.out_dtype = out_dtype
+    job.hold = True
+    out = torch.empty(tuple(entry.shape) or (1,), dtype=out_dtype)
+    pos = [0]
+
+    def write(block: torch.Tensor) -> None:
+        n = block.shape[0]
+        out[pos[0] : pos[0] + n].copy_(block)
+        pos[0] += n
+
+    def take(req: Read) -> Inputs:
+        return inputs if req.rows == ALL_ROWS else MemorySource(inputs).read(req)
+
+    if job.kernel is None:
+        copy_entry(job, take, write)
+        norms = Norms(deltas=[0.0] * len(deltas))
+    else:
+        norms = merge_entry(job, take, s, device, write)
+    return out.reshape(entry.shape), norms
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def _itemsize(plan: Plan, roles: tuple[str, ...], e: Entry) -> int:
+    n = 0
+    if "vlm" in roles:
+        n += e.dtype.itemsize
+    if "base" in roles and plan.base is not None and e.base_name:
+        n += plan.base.reader.dtype(e.base_name).itemsize
+    if "experts" in roles:
+        n += sum(ck.reader.dtype(x).itemsize for ck, x in zip(plan.experts, e.expert_names))
     return n
 
 
-def _prefetch(plan: Plan, entries: Iterable[Entry], pool: ThreadPoolExecutor) -> Iterator[Loaded]:
-    """Load entries in a background thread, ahead of use, within a read-ahead byte budget.
+def plan_budget(plan: Plan, s: MergeSettings, max_memory: int | None = None) -> Budget:
+    """Block size, read-ahead and hold limit that keep the run under ``max_memory`` (default: sized to
+    the machine); SkillgraftError up front when it cannot be met."""
+    total = max_memory if max_memory is not None else default_max_memory()
+    base_rss = rss_bytes()
+    avail = total - base_rss - 64 * 2**20  # interpreter objects, allocator slack
+    merged = [e for e in plan.entries if e.action == "merge"]
+    n_ops = len(plan.experts) + (1 if s.mode == "symmetric" or s.method.kind == "interp" else 0)
+    in_item = max([_itemsize(plan, ("vlm", "base", "experts"), e) for e in merged] or [4])
+    out_item = max([output_dtype(e, s.dtype).itemsize for e in plan.entries] or [4])
+    # per block entry: float32 operands, thinned copies and election temporaries; inputs now and next; output queued
+    per_entry = 4 * (2 * n_ops + 6) + 2 * in_item + 2 * out_item
+    widest = max([math.prod(e.shape[1:]) for e in plan.entries if e.shape] or [1])
+    need = widest * per_entry
+    if avail < need:
+        raise SkillgraftError(
+            f"max_memory {_gb(total)} is too small: this process already uses {_gb(base_rss)} and one row block of "
+            f"the widest tensor needs {_gb(need)} more; allow at least {_gb(base_rss + need + 64 * 2**20)}")
+    block = max(1, min(RANDOM_BLOCK, (avail // 3) // per_entry))
+    block_bytes = block * per_entry
+    ahead = max(block * in_item, min(512 * 2**20, (avail - block_bytes) // 4))
+    rest = avail - block_bytes - ahead
+    topks = n_ops * (2 if s.method.uses_density else 0)
+    band_cap = max(1 << 20, (rest // 4) // max(1, 4 * topks)) if topks else None
+    for e in merged:
+        shape = _merged_shape(e)
+        if s.method.whole_matrix(shape, s.params):
+            matrix = 4 * math.prod(shape) * 4  # the matrix, the SVD's two factors and its workspace, float32
+            if matrix > rest:
+                raise SkillgraftError(
+                    f"method {s.method.name} holds each matrix whole for its SVD: {e.name} "
+                    f"({' x '.join(map(str, shape))}) needs about {_gb(matrix)} but max_memory {_gb(total)} leaves "
+                    f"{_gb(max(rest, 0))}; raise max_memory or exclude that tensor")
+    return Budget(total, block, ahead, hold=max(0, (3 * rest) // 4 - (rest // 4 if topks else 0)), band_cap=band_cap)
 
-    Small tensors are read several ahead; a large one (an embedding) is read alone, so peak
-    memory is bounded by the largest tensor, not by the read-ahead depth.
-    """
-    it = iter(entries)
-    pending: deque[tuple[Future[Loaded], int]] = deque()
-    in_flight = 0
-    nxt = next(it, None)
-    while nxt is not None or pending:
-        while nxt is not None and (not pending or in_flight + _input_bytes(plan, nxt) <= PREFETCH_BYTES):
-            size = _input_bytes(plan, nxt)
-            pending.append((pool.submit(_load, plan, nxt), size))
-            in_flight += size
-            nxt = next(it, None)
-        future, size = pending.popleft()
-        ready = future.result()
-        in_flight -= size
-        yield ready
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def plan_jobs(plan: Plan, s: MergeSettings, budget: Budget) -> list[Job]:
+    """A job per plan entry, sized to the budget."""
+    src = FileSource(plan)
+    deltas = [holds_deltas(ck.reader) for ck in plan.experts]
+    jobs = []
+    for i, e in enumerate(plan.entries):
+        try:
+            job = make_job(i, e, s, budget, deltas, lambda roles, e=e: src.row_bytes(e, roles))
+        except ValueError as err:
+            raise SkillgraftError(str(err)) from None
+        _hold_or_stream(job, budget)
+        jobs.append(job)
+    return jobs
+
+
+def _merged_shape(e: Entry) -> tuple[int, ...]:
+    return tuple(e.shape if e.rows is None else (e.rows, *e.shape[1:]))
+
+
+def describe_plan(plan: Plan, s: MergeSettings) -> list[str]:
+    """Lines for the plan (``--dry-run``): matrices a method holds whole, statistics passes it makes."""
+    merged = [e for e in plan.entries if e.action == "merge"]
+    whole = [e for e in merged if s.method.whole_matrix(_merged_shape(e), s.params)]
+    lines = []
+    if whole:
+        big = max(whole, key=lambda e: math.prod(_merged_shape(e)))
+        shape = _merged_shape(big)
+        lines.append(f"method {s.method.name} holds each of {len(whole)} matrices whole for its SVD (largest: "
+                     f"{big.name}, {' x '.join(map(str, shape))}, about {_gb(16 * math.prod(shape))} with the SVD)")
+    kinds = {p.sparsifier.name for p in s.method._all_parts()} | {p.combiner.name for p in s.method._all_parts()}
+    passes = sorted(k for k in kinds if k in PASS_NOTES)
+    if passes:
+        lines.append(f"method {s.method.name} reads each tensor it merges more than once: "
+                     + "; ".join(PASS_NOTES[k] for k in passes) + " (held in memory when it fits the budget)")
+    return lines
+
+
+PASS_NOTES = {
+    "magnitude": "a top-k threshold per task vector",
+    "outliers": "two top-k thresholds per task vector",
+    "model_stock": "the task vectors' norms and angles",
+    "slerp": "the norms, then the angle of the two tensors",
+    "tsv": "one pass per task vector",
+    "iso_c": "one pass to gather the matrix",
+}
+
+
+# ---------------------------------------------------------------------------------- the run
 
 
 CHECK_ELEMENTS = 1 << 20
@@ -379,23 +571,23 @@ CHECK_ELEMENTS = 1 << 20
 def unrelated_weights_check(plan: Plan, samples: int = 3) -> list[str]:
     """Warnings for experts (or the VLM) whose sampled deltas to the base look unlike a fine-tune.
 
-    Reads a few 2-D tensors before the run; fine-tunes move weights by a few percent, unrelated
-    models of the same shape by about sqrt(2).
+    Reads the first rows (about CHECK_ELEMENTS entries) of a few 2-D tensors before the run;
+    fine-tunes move weights by a few percent, unrelated models of the same shape by about sqrt(2).
+    Experts that hold task vectors already are not checked.
     """
     if plan.base is None:
         return []
     merged = [e for e in plan.entries if e.action == "merge" and len(e.shape) == 2 and e.rows is None]
     if not merged:
         return []
-    picks = {merged[0].name: merged[0], merged[len(merged) // 2].name: merged[len(merged) // 2], merged[-1].name: merged[-1]}
+    picks = {e.name: e for e in (merged[0], merged[len(merged) // 2], merged[-1])}
     worst: dict[str, tuple[float, str]] = {}
     for e in list(picks.values())[:samples]:
-        # the first rows only (about CHECK_ELEMENTS entries): an embedding read whole and made
-        # float32 three times over would be the run's peak memory
         rows = max(1, min(e.shape[0], CHECK_ELEMENTS // max(1, e.shape[1])))
         b = plan.base.reader.get_rows(e.base_name, rows).float()
         pairs = [("vlm", plan.vlm.reader.get_rows(e.name, rows).float())] + [
-            (ck.label, ck.reader.get_rows(n, rows).float()) for ck, n in zip(plan.experts, e.expert_names)
+            (ck.label, ck.reader.get_rows(n, rows).float())
+            for ck, n in zip(plan.experts, e.expert_names) if not holds_deltas(ck.reader)
         ]
         for label, x in pairs:
             rel = _rel_norm(x - b, b)
@@ -414,6 +606,46 @@ class RunStats:
     seconds: float
     bytes_written: int
     tensors: dict[str, dict[str, Any]]
+    budget: Budget | None = None
+
+
+class _Behind:
+    """Writes blocks in a background thread, keeping at most ``limit`` bytes queued."""
+
+    def __init__(self, writer: ShardedWriter, pool: ThreadPoolExecutor, limit: int, bar: Any):
+        self.writer, self.pool, self.limit, self.bar = writer, pool, limit, bar
+        self.queue: deque[tuple[Future[None], int]] = deque()
+        self.queued = 0
+
+    def put(self, name: str, block: torch.Tensor) -> None:
+        block = block.to("cpu")
+        n = block.numel() * block.element_size()
+        while self.queue and self.queued + n > self.limit:
+            self._pop()
+        self.queue.append((self.pool.submit(self.writer.write_block, name, block), n))
+        self.queued += n
+
+    def _pop(self) -> None:
+        fut, n = self.queue.popleft()
+        fut.result()
+        self.queued -= n
+        self.bar.update(n)
+
+    def drain(self) -> None:
+        while self.queue:
+            self._pop()
+
+    def abandon(self) -> None:
+        """Cancel queued writes and wait for a running one (before the writer is aborted)."""
+        for fut, _ in self.queue:
+            fut.cancel()
+        for fut, _ in self.queue:
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+        self.queue.clear()
 
 
 def run(
@@ -423,48 +655,62 @@ def run(
     *,
     device: str = "cpu",
     progress: bool = True,
+    max_memory: int | None = None,
+    budget: Budget | None = None,
 ) -> RunStats:
-    """Stream every plan entry through the merge into ``writer``; returns per-tensor statistics."""
+    """Stream every plan entry through the merge into ``writer``; returns per-tensor statistics.
+
+    ``max_memory``: the peak resident memory the run stays under (default: sized to the machine);
+    ``budget`` sets block size, read-ahead and hold limit directly instead. Changes no process-wide
+    setting (allocator, threads).
+    """
     dev = torch.device(device)
-    reuse_freed_memory()
+    budget = budget if budget is not None else plan_budget(plan, settings, max_memory)
+    jobs = plan_jobs(plan, settings, budget)
     start = time.perf_counter()
     per_tensor: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
     labels = [ck.label for ck in plan.experts]
+    source = FileSource(plan)
     with ThreadPoolExecutor(1, thread_name_prefix="sg-read") as readers, ThreadPoolExecutor(
         1, thread_name_prefix="sg-write"
     ) as writers:
-        last_write: Future[None] | None = None
+        foreseen: Iterator[Read] = chain.from_iterable(j.requests() for j in jobs)
+        feed = Feed(source, plan.entries, foreseen, budget.ahead, readers)
+        behind = _Behind(writer, writers, max(2 * budget.block_entries * 4, 64 * 2**20), bar)
         try:
-            for loaded in _prefetch(plan, plan.entries, readers):
-                e = loaded.entry
-                out_dtype = output_dtype(e, settings.dtype)
+            for job in jobs:
+                e = job.entry
                 info: dict[str, Any] = {"action": e.action, "reason": e.reason}
-                if e.action == "copy":
-                    out = loaded.vlm if loaded.vlm.dtype == out_dtype else loaded.vlm.to(out_dtype)
+
+                def write(block: torch.Tensor, name: str = e.name) -> None:
+                    behind.put(name, block)
+
+                if job.kernel is None:
+                    copy_entry(job, feed.take, write)
+                    norms = Norms(deltas=[0.0] * len(labels)) if e.action == "merge" else None
                 else:
-                    out, norms = merge_entry(loaded, settings, dev, out_dtype)
+                    norms = merge_entry(job, feed.take, settings, dev, write,
+                                        lambda role, j, e=e: source.path_of(e, role, j))
+                if e.action == "merge":
                     info.update(
                         lm_name=e.lm_name,
                         expert_name=e.expert_names[0] if e.expert_names else None,
                         expert_names=dict(zip(labels, e.expert_names)),
                         base_name=e.base_name,
                         rows=[0, e.rows] if e.rows is not None else None,
-                        weights=settings.expert_weights(e),
+                        weights=job.args.weights,
                     )
                     if norms.deltas:
                         info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) for x in norms.rel_deltas())))
                     info["rel_change"] = round(norms.rel_change(), 6)
                 per_tensor[e.name] = info
-                if last_write is not None:
-                    last_write.result()
-                last_write = writers.submit(writer.write, e.name, out)
-                bar.update(out.numel() * out.element_size())
-            if last_write is not None:
-                last_write.result()
+            behind.drain()
         except BaseException:
+            feed.close()
+            behind.abandon()
             writer.abort()
             raise
         finally:
             bar.close()
-    return RunStats(time.perf_counter() - start, writer.total_bytes, per_tensor)
+    return RunStats(time.perf_counter() - start, writer.total_bytes, per_tensor, budget)

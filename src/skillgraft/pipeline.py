@@ -26,6 +26,7 @@ from .mapping.plan import Plan, build_plan
 from .methods import METHODS
 from .recipe import Recipe
 from .schedule import is_excluded, module_kind, validate_exclude
+from .sources import holds_deltas
 from .report import build_report, model_card, write_json
 
 
@@ -71,11 +72,7 @@ def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
         validate_exclude(recipe.exclude)
     except ValueError as e:
         raise SkillgraftError(str(e)) from None
-    if method.needs_base and recipe.base is None:
-        raise SkillgraftError(
-            f"method {method.name} needs --base: the LLM that both the VLM's language model and the expert derive from"
-        )
-    if not method.uses_density and any(e.density < 1 for e in recipe.experts):
+    if not method.uses_density and any(min(d) < 1 if isinstance(d, list) else d < 1 for d in densities):
         warnings.append(f"method {method.name} ignores density; use dare, ties or dare_ties to sparsify")
     settings = MergeSettings(
         method=method,
@@ -112,6 +109,12 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
     if use_base:
         paths["base"] = resolve_checkpoint(recipe.base, "base")
     readers = {k: stack.enter_context(CheckpointReader(p)) for k, p in paths.items()}
+    deltas_only = recipe.mode == "inject" and all(holds_deltas(readers[lbl]) for lbl in labels)
+    if settings.method.needs_base and recipe.base is None and not deltas_only:
+        raise SkillgraftError(
+            f"method {settings.method.name} needs --base: the LLM that both the VLM's language model and the expert "
+            "derive from"
+        )
     plan = build_plan(
         readers["vlm"],
         [(lbl, readers[lbl]) for lbl in labels],
@@ -121,9 +124,9 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
     )
     settings.n_layers = plan.n_layers
     try:
-        for e in plan.entries:  # schedules and layer rules are checked against the real depth
+        for e in plan.entries:  # schedules, per-layer values and layer rules, checked against the real depth
             if e.action == "merge":
-                settings.expert_weights(e)
+                settings.tensor_args(e)
     except ValueError as err:
         raise SkillgraftError(str(err)) from None
     return Prepared(recipe, plan, settings, paths, warnings + plan.warnings)
@@ -173,8 +176,12 @@ def inject(
     progress: bool = True,
     allow_unmatched: bool = False,
     on_warning: Any = None,
+    max_memory: int | None = None,
 ) -> InjectResult:
-    """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically."""
+    """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically.
+
+    ``max_memory``: peak resident bytes the merge stays under (default: sized to the machine).
+    """
     out = Path(out)
     check_device(device)
     max_shard = parse_size(shard_size)
@@ -188,7 +195,7 @@ def inject(
         start = time.perf_counter()
         with atomic_output_dir(out, force) as tmp:
             writer = ShardedWriter(tmp, output_specs(prep.plan, recipe.dtype), max_shard)
-            stats = run(prep.plan, prep.settings, writer, device=device, progress=progress)
+            stats = run(prep.plan, prep.settings, writer, device=device, progress=progress, max_memory=max_memory)
             files = writer.finish()
             side = copy_side_files(prep.paths["vlm"], tmp)
             _update_config_dtype(tmp, recipe.dtype)

@@ -30,7 +30,10 @@ class ExpertSpec(BaseModel):
         description="lambda: weight of this expert's task vector, or a per-layer schedule "
         "(values spread evenly over the decoder depth and interpolated; N values for N layers = per layer)",
     )
-    density: float = Field(default=1.0, gt=0.0, le=1.0, description="fraction of the delta kept by sparsifying methods")
+    density: float | list[float] = Field(
+        default=1.0,
+        description="fraction of the delta kept by sparsifying methods, in (0, 1], or a per-layer schedule like scale",
+    )
 
     @property
     def label(self) -> str:
@@ -70,8 +73,12 @@ class Recipe(BaseModel):
     @classmethod
     def _schedules_not_empty(cls, v: list[ExpertSpec]) -> list[ExpertSpec]:
         for e in v:
-            if isinstance(e.scale, list) and not e.scale:
-                raise ValueError("a scale schedule needs at least one value")
+            for what, value in (("scale", e.scale), ("density", e.density)):
+                if isinstance(value, list) and not value:
+                    raise ValueError(f"a {what} schedule needs at least one value")
+            for d in e.density if isinstance(e.density, list) else [e.density]:
+                if not 0.0 < d <= 1.0:
+                    raise ValueError(f"density must be in (0, 1], got {d}")
         return v
 
     @field_validator("method")

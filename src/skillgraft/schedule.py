@@ -8,9 +8,9 @@ The engine calls them once per tensor; nothing here reads weights or touches the
 
 - ``lm_layer_index`` / ``module_kind``: what a tensor is.
 - ``is_excluded``: module filters (kinds or regexes) that keep a tensor from the VLM.
-- ``value_at`` / ``scale_multiplier``: per-layer schedules (mergekit-gradient semantics).
-- ``layerswap_multiplier`` / ``method_multiplier``: the layer rule of methods like ``layerswap``.
-- ``effective_weights``: everything above combined into the weights handed to a method.
+- ``value_at``: the value of a number, a per-layer list (mergekit-gradient semantics) or a
+  ``Schedule`` (a method's layer rule, as data) for one tensor.
+- ``effective_weights``: scales x schedules x the method's layer rule, the weights a method gets.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-KINDS: tuple[str, ...] = ("attention", "mlp", "norm", "embed", "lm_head", "other")
+from .methods.params import Schedule
+
 FILTER_KINDS: tuple[str, ...] = ("attention", "mlp", "norm", "embed", "lm_head")
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -90,107 +91,39 @@ def is_excluded(lm_name: str, exclude: Sequence[str]) -> bool:
     return False
 
 
-def _position(layer: int | None, n_layers: int, kind: str, nonlayer: str) -> float:
-    """Depth position t in [0, 1] of a tensor (mergekit: layer i of n -> i / (n - 1))."""
-    if layer is None:
-        if nonlayer == "mergekit" or kind == "embed":
-            return 0.0
-        if kind in ("lm_head", "norm"):
-            return 1.0
-        return 0.0
-    if n_layers <= 1:
-        return 1.0 if nonlayer == "mergekit" else 0.0
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer index {layer} outside 0..{n_layers - 1}")
-    return layer / (n_layers - 1)
-
-
-def value_at(
-    setting: float | Sequence[float],
-    layer: int | None,
-    n_layers: int,
-    kind: str = "other",
-    nonlayer: str = "position",
-) -> float:
-    """The value of a scalar-or-schedule setting for one tensor.
+def value_at(setting: float | Sequence[float] | Schedule, layer: int | None, n_layers: int, kind: str = "other") -> float:
+    """The value of a number, a per-layer list or a ``Schedule`` for one tensor.
 
     - a number: that number everywhere;
     - a list of N values: anchors evenly spaced over the decoder depth, linearly interpolated (the
       semantics of mergekit's gradients: layer i of n sits at t = i/(n-1), the value is the linear
-      interpolation at t*(N-1)). A list of exactly ``n_layers`` values is thereby an explicit
-      per-layer list (layer i gets entry i), and a one-element list is a constant.
-
-    Tensors outside the decoder layers (``layer`` None) follow ``nonlayer``:
-    ``"position"`` (default) puts the embedding at the first anchor (t=0) and the final norm and the
-    LM head at the last anchor (t=1), where they sit in the network; ``"mergekit"`` uses t=0 for all
-    of them, as mergekit does (it plans them with t=0).
+      interpolation at t*(N-1)). A list of exactly ``n_layers`` values is a per-layer list (layer i
+      gets entry i exactly); a one-element list is a constant.
+    - tensors outside the decoder layers (``layer`` None) sit where they are in the network: the
+      embedding (and other non-layer tensors) at the first anchor, the final norm and the LM head at
+      the last, unless a ``Schedule`` gives their values.
     """
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
         return float(setting)
-    values = [float(v) for v in setting]
+    sched = setting if isinstance(setting, Schedule) else Schedule(tuple(float(v) for v in setting))
+    values = [float(v) for v in sched.values]
     if not values:
         raise ValueError("a schedule needs at least one value")
-    if nonlayer not in ("position", "mergekit"):
-        raise ValueError(f"nonlayer must be 'position' or 'mergekit', not {nonlayer!r}")
-    if len(values) == 1:
-        return values[0]
-    t = _position(layer, n_layers, kind, nonlayer)
+    if layer is None:
+        end = {"embed": sched.before, "norm": sched.after, "lm_head": sched.after}.get(kind, sched.other)
+        if end is not None:
+            return float(end)
+        return values[-1] if kind in ("lm_head", "norm") else values[0]
+    if not 0 <= layer < max(n_layers, 1):
+        raise ValueError(f"layer index {layer} outside 0..{n_layers - 1}")
+    if len(values) == n_layers or len(values) == 1:
+        return values[layer if len(values) > 1 else 0]
+    t = layer / (n_layers - 1) if n_layers > 1 else 0.0
     scaled = t * (len(values) - 1)
     i0 = int(scaled)
     i1 = min(len(values) - 1, i0 + 1)
     frac = scaled - i0
     return (1 - frac) * values[i0] + frac * values[i1]
-
-
-def scale_multiplier(
-    schedule: float | Sequence[float] | None,
-    layer: int | None,
-    n_layers: int,
-    kind: str = "other",
-    nonlayer: str = "position",
-) -> float:
-    """Multiplier of the expert scales for one tensor from a per-layer schedule (None: 1.0).
-
-    See ``value_at`` for the list semantics and the rule for non-layer tensors.
-    """
-    if schedule is None:
-        return 1.0
-    return value_at(schedule, layer, n_layers, kind, nonlayer)
-
-
-def layerswap_multiplier(layer: int | None, n_layers: int, first_k: int, last_k: int, kind: str = "other") -> float:
-    """0.0 where layer swap keeps the VLM's tensor, 1.0 where the TA merge applies.
-
-    Decoder layers ``< first_k`` and ``>= n_layers - last_k`` are kept. Outside the layers: the
-    embedding is kept when ``first_k > 0``; the final norm and LM head when ``last_k > 0``; other
-    non-layer tensors are merged.
-    """
-    if first_k < 0 or last_k < 0:
-        raise ValueError("first_k and last_k must be >= 0")
-    if layer is None:
-        if kind == "embed":
-            return 0.0 if first_k > 0 else 1.0
-        if kind in ("norm", "lm_head"):
-            return 0.0 if last_k > 0 else 1.0
-        return 1.0
-    if layer < first_k or layer >= n_layers - last_k:
-        return 0.0
-    return 1.0
-
-
-def method_multiplier(method: Any, params: dict[str, Any], lm_name: str, n_layers: int) -> float:
-    """The method's own per-tensor multiplier of the expert weights (1.0 unless it has a layer rule).
-
-    ``method`` is a ``skillgraft.methods.Method``; ``params`` its resolved parameters.
-    """
-    rule = getattr(method, "layer_rule", None)
-    if rule is None:
-        return 1.0
-    if rule == "layerswap":
-        return layerswap_multiplier(
-            lm_layer_index(lm_name), n_layers, int(params["first_k"]), int(params["last_k"]), module_kind(lm_name)
-        )
-    raise ValueError(f"unknown layer rule {rule!r} of method {getattr(method, 'name', method)!r}")
 
 
 def effective_weights(
@@ -199,19 +132,21 @@ def effective_weights(
     lm_name: str,
     n_layers: int,
     expert_scales: Sequence[float | Sequence[float]],
-    schedule: float | Sequence[float] | None = None,
-    nonlayer: str = "position",
+    schedule: Sequence[float] | None = None,
 ) -> list[float]:
     """The expert weights to hand the method for one tensor.
 
     ``expert_scales``: each expert's scale, a number or a per-layer schedule (see ``value_at``);
-    ``schedule``: an optional recipe-wide multiplier schedule. The product with the method's layer
-    rule (``method_multiplier``) is returned. The VLM's own weight (symmetric mode) is never scaled by
-    a schedule: a multiplier of 0 must give back the VLM.
+    ``schedule``: an optional recipe-wide multiplier schedule; ``method.layer_weights`` an optional
+    layer rule of the method (a ``Schedule``). The VLM's own weight (symmetric mode) is never
+    scaled by a schedule: a multiplier of 0 must give back the VLM.
     """
     layer = lm_layer_index(lm_name)
     kind = module_kind(lm_name)
-    m = method_multiplier(method, params, lm_name, n_layers) * scale_multiplier(
-        schedule, layer, n_layers, kind, nonlayer
-    )
-    return [m * value_at(s, layer, n_layers, kind, nonlayer) for s in expert_scales]
+    m = 1.0
+    rule = method.layer_weights(params, n_layers) if method.layer_weights is not None else None
+    if rule is not None:
+        m *= value_at(rule, layer, n_layers, kind)
+    if schedule is not None:
+        m *= value_at(schedule, layer, n_layers, kind)
+    return [m * value_at(s, layer, n_layers, kind) for s in expert_scales]

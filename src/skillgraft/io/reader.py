@@ -79,20 +79,30 @@ class SafetensorsFile:
 
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         """Tensor ``name`` (or its first ``rows`` rows) in a fresh, writable CPU buffer."""
+        shape = self.entries[name][1]
+        if rows is None or not shape or rows >= shape[0]:
+            return self.read_rows(name, 0, shape[0] if shape else 1)
+        return self.read_rows(name, 0, rows)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (a 0-dim tensor is one row), read with positioned reads."""
         dtype, shape, begin, end = self.entries[name]
-        if rows is not None and shape and rows < shape[0]:
-            row_bytes = (end - begin) // shape[0] if shape[0] else 0
-            shape = (rows, *shape[1:])
-            end = begin + rows * row_bytes
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if not shape:
+            start, stop, out_shape = 0, 1, ()
+        else:
+            stop = min(stop, shape[0])
+            out_shape = (max(stop - start, 0), *shape[1:])
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else end - begin
+        buf = torch.empty(max(stop - start, 0) * row_bytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
+        offset = self.data_start + begin + start * row_bytes
         done = 0
         while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], self.data_start + begin + done)
+            got = os.preadv(self.fd, [view[done:]], offset + done)
             if got <= 0:
                 raise SkillgraftError(f"{self.path}: unexpected end of file reading {name}")
             done += got
-        return buf.view(dtype).reshape(shape)
+        return buf.view(dtype).reshape(out_shape)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -207,10 +217,19 @@ class CheckpointReader:
         """The first ``rows`` rows of ``name`` (all of it when ``rows`` is None), read lazily."""
         if rows is None or rows >= self._shape[name][0]:
             return self.get(name)
+        return self.read_rows(name, 0, rows)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` in a fresh buffer (safetensors: only those bytes are read)."""
         h = self._handles[self._where[name]]
         if self.format == "safetensors":
-            return h.read(name, rows)
-        return h[name][:rows]
+            return h.read_rows(name, start, stop)
+        t = h[name]
+        return (t if t.dim() == 0 else t[start:stop]).clone()
+
+    def path_of(self, name: str) -> Path:
+        """The weight file holding tensor ``name``."""
+        return self._where[name]
 
     def close(self) -> None:
         for h in self._handles.values():

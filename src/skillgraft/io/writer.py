@@ -1,14 +1,14 @@
 """A streaming safetensors writer: tensors go to disk as they are computed, shard by shard.
 
 Because the merge plan knows every output name, shape and dtype before any weight is read, each
-shard's safetensors header can be written first and each tensor's bytes appended as it arrives.
-Peak memory is one tensor, not one shard (the ``safetensors`` library can only save a whole dict).
+shard's safetensors header can be written first and each tensor's bytes appended as they arrive,
+block by block: the writer never holds a tensor (the ``safetensors`` library can only save a whole
+dict).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,26 +17,18 @@ from typing import BinaryIO
 import torch
 
 from ..errors import SkillgraftError
+from ..memory import parse_size as _parse
 from .reader import ST_DTYPES
 
 _ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in ST_DTYPES.items()}
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
 
 def parse_size(text: str | int) -> int:
-    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or a plain integer."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(text)
-    if not m:
-        raise SkillgraftError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)")
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
-    if value < 1:
-        raise SkillgraftError(f"shard size must be positive, got {text!r}")
-    return int(value)
+    """Bytes in a shard size such as ``5GB``, ``500MB``, ``2GiB`` or a plain integer."""
+    try:
+        return _parse(text, "shard size")
+    except ValueError as e:
+        raise SkillgraftError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -92,6 +84,7 @@ class ShardedWriter:
         )
         self._order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
         self._next = 0
+        self._done = 0  # bytes of the tensor being written so far (0: between tensors)
         self._fh: BinaryIO | None = None
         self._open_shard = -1
 
@@ -100,22 +93,44 @@ class ShardedWriter:
         return sum(s.nbytes for _, s in self._order)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self._order):
-            raise RuntimeError(f"writer got an extra tensor {name}")
-        shard, spec = self._order[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        """Write the whole tensor ``name`` (the next one in order)."""
+        self.write_block(name, tensor)
+        if self._done:
+            _, spec = self._order[self._next - 1]
+            raise RuntimeError(f"writer expected all of {spec.name} {spec.shape}, got {tuple(tensor.shape)}")
+
+    def write_block(self, name: str, block: torch.Tensor) -> None:
+        """Append the next rows of tensor ``name``; the tensor is complete once all its rows came.
+
+        Blocks of one tensor come in row order; a 0-dim tensor is one row of one entry.
+        """
+        if self._done == 0:
+            if self._next >= len(self._order):
+                raise RuntimeError(f"writer got an extra tensor {name}")
+            shard, spec = self._order[self._next]
+        else:
+            shard, spec = self._order[self._next - 1]
+        rest = spec.shape[1:] if spec.shape else ()
+        trailing = tuple(block.shape[1:]) if spec.shape else tuple(block.shape)
+        if name != spec.name or block.dtype != spec.dtype or trailing != rest and block.numel() != 0:
             raise RuntimeError(
-                f"writer expected {spec.name} {spec.shape} {spec.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+                f"writer expected {spec.name} {spec.shape} {spec.dtype}, got {name} {tuple(block.shape)} {block.dtype}"
             )
-        if shard != self._open_shard:
-            self._close_shard()
-            self._fh = open(self.out_dir / self.files[shard], "wb")
-            self._fh.write(_shard_header(self.shards[shard]))
-            self._open_shard = shard
+        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if self._done + data.numel() > spec.nbytes:
+            raise RuntimeError(f"writer got more rows of {spec.name} than its shape {spec.shape} holds")
+        if self._done == 0:
+            if shard != self._open_shard:
+                self._close_shard()
+                self._fh = open(self.out_dir / self.files[shard], "wb")
+                self._fh.write(_shard_header(self.shards[shard]))
+                self._open_shard = shard
+            self._next += 1
         assert self._fh is not None
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._fh.write(memoryview(data.numpy()))
-        self._next += 1
+        self._done += data.numel()
+        if self._done == spec.nbytes:
+            self._done = 0
 
     def _close_shard(self) -> None:
         if self._fh is not None:
@@ -125,7 +140,7 @@ class ShardedWriter:
     def finish(self) -> list[str]:
         """Close the last shard, write the index if sharded; the list of files written."""
         self._close_shard()
-        if self._next != len(self._order):
+        if self._next != len(self._order) or self._done:
             missing = self._order[self._next][1].name
             raise RuntimeError(f"writer finished early: {missing} and {len(self._order) - self._next - 1} more not written")
         if len(self.files) > 1:

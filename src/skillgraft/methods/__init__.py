@@ -1,7 +1,7 @@
-"""Merge methods as pure tensor functions, and the registry that names them.
+"""Merge methods as compositions of pure tensor functions, and the registry that names them.
 
-Adding a method: write a small module with its function and a ``Method`` record, and list the
-record in ``_ALL`` below. Nothing registers itself at import time.
+A method is a sparsifier x a sign rule x a combiner with typed parameters (``base.py``); the
+registry is one explicit tuple (``registry.py``): adding a task-vector method is one entry there.
 
 Modes (chosen per recipe; the engine does the bookkeeping, the methods only see task vectors):
 
@@ -30,30 +30,13 @@ wins (position 0: the VLM's 4 beats the expert's -3).
 
 from __future__ import annotations
 
-from . import breadcrumbs, consensus, dare, della, interp, layerswap, model_stock, subspace, ta, ties
-from .base import Method, Param
+from .base import Method, TensorMerge
+from .params import ParamSpec, Schedule
+from .registry import REGISTRY
 
-_ALL: tuple[Method, ...] = (
-    ta.METHOD,
-    ties.METHOD,
-    dare.METHOD_LINEAR,
-    dare.METHOD_TIES,
-    breadcrumbs.METHOD,
-    breadcrumbs.METHOD_TIES,
-    della.METHOD,
-    della.METHOD_LINEAR,
-    consensus.METHOD,
-    subspace.TSV,
-    subspace.ISO_C,
-    interp.LINEAR,
-    interp.SLERP,
-    model_stock.METHOD,
-    layerswap.METHOD,
-)
+METHODS: dict[str, Method] = {m.name: m for m in REGISTRY}
 
-METHODS: dict[str, Method] = {m.name: m for m in _ALL}
-
-__all__ = ["METHODS", "Method", "Param", "get_method"]
+__all__ = ["METHODS", "Method", "ParamSpec", "Schedule", "TensorMerge", "get_method"]
 
 
 def get_method(name: str) -> Method:

@@ -1,178 +1,306 @@
-"""What a merge method is: a pure function on tensors plus its parameters, described as data.
+"""What a merge method is: a composition of parts, with typed parameters, run block by block.
 
-Two kinds, both pure (no I/O, no global state, inputs never modified; randomness only from the
-``generator`` passed in). The one exception is asked for by the caller: a method with ``writes_out``
-takes ``out=`` and writes its result there, which may be the first delta (see ``Method.writes_out``).
+A ``Method`` is data: a sparsifier (how each task vector is thinned), an optional sign rule, a
+combiner (how the task vectors, or the models, become one) and an optional mask, with the typed
+parameters of its parts. Two kinds:
 
-- ``delta`` methods combine task vectors. ``fn(deltas, weights, densities, *, generator, **params)``
-  gets float32 deltas ``tau_k = theta_k - theta_B`` of one tensor, their weights (lambda_k) and
-  densities, and returns the combined delta ``M({(tau_k, p_k)})``. The engine adds it to ``theta_V``
-  (inject mode: only expert deltas are passed) or to ``theta_B`` (symmetric mode: the VLM's delta
-  is the first entry).
-- ``interp`` methods need no base. ``fn(tensors, weights, *, generator, **params)`` gets the VLM's
-  tensor first, then the experts', with their weights (the VLM's weight first), and returns the
-  merged tensor.
+- ``delta`` methods combine task vectors ``tau_k = theta_k - theta_B`` of one tensor with weights
+  ``w_k`` (lambda_k) and densities ``p_k`` into ``M({(tau_k, w_k, p_k)})``; the engine adds it to
+  ``theta_V`` (inject mode: only the experts' vectors) or to ``theta_B`` (symmetric mode: the VLM's
+  vector first).
+- ``interp`` methods need no base: the models' own tensors, the VLM's first, weights ``(w_V, w_E...)``.
 
-Before reading any weight, the engine calls ``method.check(densities, params)`` once with the
-densities of all entries it will pass (VLM first in symmetric mode): it raises ``ValueError`` for a
-combination the method cannot run (too few task vectors, DELLA's epsilon out of range, ...).
+One call signature for both: ``method.fn(xs, weights, densities, *, generator=None, **params)``
+merges whole tensors (``densities`` are ignored by interpolations). The engine instead asks for a
+``TensorMerge`` (``method.kernel``) and drives it over row blocks of bounded size:
+
+1. ``needs_sample``: a sample of the operands to bracket top-k thresholds (``take_sample``);
+2. statistics passes ``p = 0, 1, ...`` while ``pending(p)``: ``observe(p, xs, streams, at)`` for
+   every block in order, then ``finish(p)``;
+3. the apply pass: ``apply(xs, streams, at)`` per block, in order.
+
+``xs`` are float32 blocks the merge may overwrite, ``at`` the block's row range, ``streams`` the
+random streams of the block's random block (see ``streams.BlockStreams``). Methods are pure: no
+I/O, no global state, randomness only from the streams or the generator passed in.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Tensor = torch.Tensor
-DeltaFn = Callable[..., Tensor]
-Validator = Callable[[Sequence[float], dict[str, Any]], None]
+from .combine import SUM, Combiner, SignRule, Tall, scaled
+from .params import LAMBDA, ParamSpec, Schedule, resolve, scalars
+from .sparsify import NONE, Sparsifier, sample_of
+from .streams import BlockStreams
+from .topk import EXACT_BELOW
 
-_MISSING = object()
+Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Param:
-    """A method parameter: its default and what it means (named as in the method's paper).
+class Parts:
+    """The parts a method runs with (a method's ``switch`` may pick them by a parameter)."""
 
-    ``choices``, when given, lists the accepted values (checked by ``Method.resolve_params``).
-    """
+    sparsifier: Sparsifier
+    sign: SignRule | None
+    combiner: Combiner
 
-    name: str
-    default: Any
-    doc: str
-    choices: tuple[Any, ...] | None = None
+
+@dataclass(frozen=True)
+class Switch:
+    """A choice parameter that selects the parts (consensus merging's ``base``: TA or TIES)."""
+
+    spec: ParamSpec
+    options: dict[Any, Parts]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered merge method: data describing a pure tensor function.
+    """A registered merge method: a composition of parts, described as data.
 
-    ``layer_rule``: ``None`` for methods that treat every tensor alike; ``"layerswap"`` when the
-    engine must multiply the expert weights of each tensor by
-    ``skillgraft.schedule.method_multiplier(method, params, lm_name, n_layers)`` (0 in the VLM layers
-    that are kept whole, 1 elsewhere).
-    ``min_deltas``: the fewest task vectors (delta) or tensors (interp) the method needs.
+    ``min_inputs``/``max_inputs``: how many task vectors (delta) or models (interp) it takes.
+    ``layer_weights(params, n_layers)``: a per-layer multiplier of the experts' weights as a
+    ``Schedule`` (layer swap keeps the VLM's first and last layers), or None.
     """
 
     name: str
-    kind: Literal["delta", "interp"]
-    fn: DeltaFn
     summary: str
     paper: str
-    stochastic: bool = False
-    uses_density: bool = False
-    # True when each output entry depends only on the same entry of the inputs (and the generator):
-    # the engine may then merge a large tensor in row blocks, each with its own seeded generator.
-    elementwise: bool = False
-    params: tuple[Param, ...] = field(default_factory=tuple)
-    layer_rule: str | None = None
-    min_deltas: int = 1
-    max_deltas: int | None = None
-    validator: Validator | None = None
-    # When set, narrows ``elementwise`` by the resolved parameters (e.g. DARE with a norm-matching
-    # rescale needs the whole tensor). Use ``is_elementwise(params)``, not the field, to decide.
-    elementwise_when: Callable[[dict[str, Any]], bool] | None = None
-    # True when ``fn`` takes ``out=``: a float32 tensor of the result's shape (it may be ``deltas[0]``,
-    # which is read chunk by chunk before being overwritten) that receives the result, saving the
-    # engine one tensor-sized buffer. Without ``out`` the function is pure like every other.
-    writes_out: bool = False
+    combiner: Combiner = SUM
+    sparsifier: Sparsifier = NONE
+    sign: SignRule | None = None
+    mask: Tall | None = None
+    switch: Switch | None = None
+    extra: tuple[ParamSpec, ...] = ()
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    layer_weights: Callable[[dict[str, Any], int], Schedule | None] | None = None
+    checks: tuple[Callable[[Sequence[float], Sequence[float], dict[str, Any]], None], ...] = field(default=())
 
-    def is_elementwise(self, params: dict[str, Any] | None = None) -> bool:
-        """True when each output entry depends only on the same entry (row-wise methods: the same row)
-        of the inputs and the generator, with these parameters: the engine may then merge a tensor in
-        blocks of whole rows, each block with its own seeded generator."""
-        if not self.elementwise:
-            return False
-        if self.elementwise_when is None:
-            return True
-        return bool(self.elementwise_when(self.resolve_params(dict(params or {}))))
+    def __post_init__(self) -> None:
+        for parts in self._all_parts():
+            if parts.combiner.needs_sign != (parts.sign is not None):
+                raise ValueError(f"method {self.name!r}: combiner {parts.combiner.name!r} and sign rule disagree")
+
+    def _all_parts(self) -> list[Parts]:
+        if self.switch is not None:
+            return list(self.switch.options.values())
+        return [Parts(self.sparsifier, self.sign, self.combiner)]
+
+    def parts(self, params: dict[str, Any]) -> Parts:
+        """The parts this method runs with under ``params``."""
+        if self.switch is None:
+            return self._all_parts()[0]
+        return self.switch.options[params[self.switch.spec.name]]
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def kind(self) -> str:
+        return self._all_parts()[0].combiner.kind
 
     @property
     def needs_base(self) -> bool:
         return self.kind == "delta"
 
+    @property
+    def stochastic(self) -> bool:
+        return any(p.sparsifier.random for p in self._all_parts())
+
+    @property
+    def uses_density(self) -> bool:
+        return any(p.sparsifier is not NONE for p in self._all_parts())
+
+    @property
+    def params(self) -> tuple[ParamSpec, ...]:
+        """Every parameter, once, in the order: the method's own, the mask's, the switch, the parts', lambda."""
+        specs: list[ParamSpec] = list(self.extra) + list(self.mask.params if self.mask is not None else ())
+        if self.switch is not None:
+            specs.append(self.switch.spec)
+        for parts in self._all_parts():
+            specs += parts.sparsifier.params + (parts.sign.params if parts.sign else ()) + parts.combiner.params
+        if any(p.combiner.scalable for p in self._all_parts()):
+            specs.append(LAMBDA)
+        out: dict[str, ParamSpec] = {}
+        for s in specs:
+            out.setdefault(s.name, s)
+        return tuple(out.values())
+
+    def composition(self) -> str:
+        """``dare x ties x disjoint`` (for ``skillgraft methods`` and the docs)."""
+        def one(p: Parts) -> str:
+            return " x ".join([p.sparsifier.name] + ([p.sign.name] if p.sign else []) + [p.combiner.name])
+
+        text = " | ".join(f"{k}: {one(p)}" for k, p in self.switch.options.items()) if self.switch else one(
+            self._all_parts()[0])
+        return text + (" + TALL mask" if self.mask is not None else "")
+
+    def whole_matrix(self, shape: tuple[int, ...], params: dict[str, Any] | None = None) -> bool:
+        """True when a tensor of ``shape`` must be held whole (an SVD of the matrix)."""
+        parts = self._all_parts() if params is None else [self.parts(params)]
+        return any(p.combiner.whole_matrix(tuple(shape)) for p in parts)
+
+    # ------------------------------------------------------------------ validation
+
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Defaults overlaid with the given values; unknown names or bad choices are a ValueError."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            names = ", ".join(known) or "none"
-            raise ValueError(f"method {self.name!r} has no parameter {unknown[0]!r} (it takes: {names})")
-        out = {p.name: p.default for p in self.params}
-        for name, value in given.items():
-            p = known[name]
-            if p.choices is not None and value not in p.choices:
-                opts = ", ".join(repr(c) for c in p.choices)
-                raise ValueError(f"method {self.name!r}: parameter {name!r} must be one of {opts}, not {value!r}")
-            out[name] = value
-        return out
+        """Defaults overlaid with the given values, each validated by its spec; ValueError otherwise."""
+        return resolve(self.params, given, self.name)
 
-    def check(self, densities: Sequence[float], params: dict[str, Any] | None = None) -> None:
-        """Raise ValueError if the method cannot run on ``len(densities)`` entries with these settings.
+    def check(self, densities: Sequence[Any], params: dict[str, Any] | None = None) -> None:
+        """Raise ValueError if the method cannot run on ``len(densities)`` inputs with these settings.
 
-        Cheap; meant to be called once per recipe, before any weight is read.
+        Cheap; meant to be called once per recipe, before any weight is read. Per-layer values are
+        checked again per tensor by ``check_tensor``.
         """
         resolved = self.resolve_params(dict(params or {}))
         n = len(densities)
         what = "task vectors" if self.kind == "delta" else "models"
-        if n < self.min_deltas:
+        if n < self.min_inputs:
             hint = " (use mode: symmetric to count the VLM's own delta, or add experts)" if self.kind == "delta" else ""
-            raise ValueError(f"method {self.name!r} needs at least {self.min_deltas} {what}, got {n}{hint}")
-        if self.max_deltas is not None and n > self.max_deltas:
-            raise ValueError(f"method {self.name!r} takes at most {self.max_deltas} {what}, got {n}")
-        for d in densities:
+            raise ValueError(f"method {self.name!r} needs at least {self.min_inputs} {what}, got {n}{hint}")
+        if self.max_inputs is not None and n > self.max_inputs:
+            raise ValueError(f"method {self.name!r} takes at most {self.max_inputs} {what}, got {n}")
+        flat = [x for d in densities for x in (d if isinstance(d, (list, tuple)) else [d])]
+        for d in flat:
             if not 0.0 < float(d) <= 1.0:
                 raise ValueError(f"method {self.name!r}: density must be in (0, 1], got {d}")
-        if self.validator is not None:
-            self.validator(densities, resolved)
+        if self.mask is not None and int(resolved["k"]) > n:
+            raise ValueError(
+                f"consensus: k={resolved['k']} needs at least {resolved['k']} task vectors, got {n} "
+                "(use mode: symmetric to count the VLM's delta, add experts, or lower k)"
+            )
+        if scalars(list(resolved.values())):
+            self.check_tensor([1.0] * n, [float(d) if not isinstance(d, list) else d[0] for d in densities], resolved)
+
+    def check_tensor(self, weights: Sequence[float], densities: Sequence[float], params: dict[str, Any]) -> None:
+        """Checks that need the values one tensor gets (after per-layer schedules): ValueError."""
+        for c in self.checks:
+            c(weights, densities, params)
+
+    # ------------------------------------------------------------------ running
+
+    def kernel(self, shape: Sequence[int], weights: Sequence[float], densities: Sequence[float],
+               params: dict[str, Any], band_cap: int | None = None) -> "TensorMerge":
+        """The merge of one tensor of ``shape`` (its merged rows), to drive block by block."""
+        return TensorMerge(self, tuple(shape), weights, densities, params, band_cap)
+
+    def fn(self, xs: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float] | None = None, *,
+           generator: torch.Generator | None = None, **params: Any) -> Tensor:
+        """Merge whole tensors: the one call signature of every method (inputs are not modified).
+
+        ``xs``: task vectors (delta) or models, the VLM's first (interp); ``densities`` default to 1.
+        Random methods draw from ``generator`` (the global one if None) in order, one keep-mask per
+        task vector, as the engine does per random block.
+        """
+        p = self.resolve_params(params)
+        densities = list(densities) if densities is not None else [1.0] * len(xs)
+        self.check(densities if self.kind == "delta" else [1.0] * len(xs), p)
+        self.check_tensor(weights, densities, p)
+        shape = tuple(xs[0].shape)
+        work = [x.reshape(1) if x.dim() == 0 else x for x in xs]
+        tm = self.kernel(work[0].shape, weights, densities, p)
+        if tm.needs_sample:
+            tm.take_sample([sample_of(x) for x in work])
+        gen = generator if generator is not None else torch.default_generator
+        start = gen.get_state() if tm.random else None
+        at = slice(0, work[0].shape[0])
+
+        def streams() -> BlockStreams | None:
+            if not tm.random:
+                return None
+            gen.set_state(start)
+            return tm.streams(gen, work[0].numel())
+
+        p_no = 0
+        while tm.pending(p_no):
+            tm.observe(p_no, [x.clone() for x in work], streams(), at)
+            tm.finish(p_no)
+            p_no += 1
+        return tm.apply([x.clone() for x in work], streams(), at).reshape(shape)
+
+    __call__ = fn
 
 
-def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], out: Tensor | None = None) -> Tensor:
-    """sum_k w_k * tau_k, accumulated in the dtype of the deltas: a new tensor (inputs untouched),
-    or ``out``, which may be ``deltas[0]`` (then a weight of 1 costs no pass over it)."""
-    terms = [(d, float(w)) for d, w in zip(deltas, weights) if float(w) != 0.0]
-    if not terms:
-        return torch.zeros_like(deltas[0]) if out is None else out.zero_()
-    (d0, w0), rest = terms[0], terms[1:]
-    if out is None:
-        out = torch.mul(d0, w0)
-    elif d0 is not out:
-        torch.mul(d0, w0, out=out)
-    elif w0 != 1.0:
-        out.mul_(w0)
-    for d, w in rest:
-        out.add_(d, alpha=w)
-    return out
+class TensorMerge:
+    """The merge of one tensor, driven block by block (see the module docstring)."""
 
+    def __init__(self, method: Method, shape: tuple[int, ...], weights: Sequence[float], densities: Sequence[float],
+                 params: dict[str, Any], band_cap: int | None = None):
+        parts = method.parts(params)
+        self.method, self.parts, self.params = method, parts, params
+        self.shape = shape
+        self.n = math.prod(shape)
+        self.weights = [float(w) for w in weights]
+        self.densities = [float(d) for d in densities]
+        self.band_cap = band_cap
+        sp = parts.sparsifier
+        thinned = [d < 1.0 for d in self.densities] if sp is not NONE else [False] * len(self.densities)
+        self.drawers = [j for j, t in enumerate(thinned) if t] if sp.random else []
+        self.random = bool(self.drawers)
+        self.draw_kind = sp.draws(params)
+        self.row_local = sp.row_local(params)
+        self.whole_matrix = parts.combiner.whole_matrix(shape)
+        self.needs_sample = sp.needs_sample and any(thinned) and self.n > EXACT_BELOW
+        self.combine = parts.combiner.start(shape, self.weights, params)
+        self.lam = float(params.get("lambda", 1.0)) if parts.combiner.scalable else 1.0
+        self.mask = method.mask
+        self.vectors: list[Any] = []
+        self.active: list[bool] = []
+        if not self.needs_sample:
+            self.take_sample(None)
 
-def scaled(x: Tensor, lam: float) -> Tensor:
-    """``lam * x`` in place on a tensor the method owns (no-op for lam == 1)."""
-    lam = float(lam)
-    return x if lam == 1.0 else x.mul_(lam)
+    @property
+    def planned_passes(self) -> int:
+        """Statistics passes known before any data is seen (a top-k may ask for two more)."""
+        return max([self.combine.passes] + [v.passes for v in self.vectors] +
+                   [1 if self.needs_sample else 0])
 
+    def take_sample(self, samples: list[Tensor] | None) -> None:
+        """Start every task vector's state, with a sample of its values when a threshold needs one."""
+        sp = self.parts.sparsifier
+        self.vectors = [sp.start(self.n, d, self.params, None if samples is None else samples[j])
+                        for j, d in enumerate(self.densities)]
+        self.active = [v.passes > 0 for v in self.vectors]
 
-LAMBDA = Param(
-    "lambda",
-    1.0,
-    "global scaling of the merged task vector, applied after any normalisation (the lambda of Task "
-    "Arithmetic / TIES / DELLA, mergekit's 'lambda'); multiplies every entry's weight, the VLM's too in "
-    "symmetric mode",
-)
+    def streams(self, gen: torch.Generator, n: int) -> BlockStreams:
+        """The random streams of a random block of ``n`` entries whose generator is ``gen``."""
+        return BlockStreams(gen, n, len(self.drawers), self.draw_kind)
 
+    def _keep(self, j: int, streams: BlockStreams | None, device: torch.device) -> Callable[..., Tensor] | None:
+        if j not in self.drawers:
+            return None
+        rank = self.drawers.index(j)
+        return lambda shape, p: streams.keep(rank, shape, p, device)
 
-def rescale_is_local(params: dict[str, Any]) -> bool:
-    """A ``rescale`` that needs no whole-tensor statistic (not a norm match): row blocks are safe."""
-    return params.get("rescale", True) in (True, False, None)
+    def pending(self, p: int) -> bool:
+        """True while statistics pass ``p`` is needed."""
+        return p < self.combine.passes or any(self.active)
 
+    def observe(self, p: int, xs: list[Tensor], streams: BlockStreams | None, at: slice) -> None:
+        if p < self.combine.passes:
+            self.combine.observe(p, xs, at)
+        for j, (v, x) in enumerate(zip(self.vectors, xs)):
+            if self.active[j]:
+                v.observe(x, self._keep(j, streams, x.device))
 
-def pop_lambda(params: dict[str, Any]) -> float:
-    """Remove and return the global ``lambda`` (a Python keyword, so passed through ``**params``)."""
-    return float(params.pop("lambda", 1.0))
+    def finish(self, p: int) -> None:
+        if p < self.combine.passes:
+            self.combine.finish(p)
+        for j, v in enumerate(self.vectors):
+            if self.active[j]:
+                v.finish()
+                self.active[j] = v.refine
 
-
-def check_no_params(name: str, params: dict[str, Any]) -> None:
-    if params:
-        raise TypeError(f"{name}() got unexpected parameter(s): {', '.join(sorted(params))}")
+    def apply(self, xs: list[Tensor], streams: BlockStreams | None, at: slice) -> Tensor:
+        """The merged block: ``M`` of the block's task vectors (delta) or models (interp)."""
+        mask = self.mask.mask(xs, self.weights, self.params) if self.mask is not None else None
+        kept = [v.apply(x, self._keep(j, streams, x.device)) for j, (v, x) in enumerate(zip(self.vectors, xs))]
+        out = self.combine.apply(kept, at)
+        if mask is not None:
+            out = out.mul_(mask)
+        return scaled(out, self.lam)

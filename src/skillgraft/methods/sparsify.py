@@ -1,327 +1,207 @@
-"""Sparsification of a single task vector: the building blocks TIES, DARE, Breadcrumbs, DELLA share.
+"""Sparsifiers: how one task vector is thinned before the task vectors are combined.
 
-Counting convention (same as mergekit and PEFT): a magnitude trim at density ``p`` keeps
-``int(p * n)`` entries (floor). mergekit additionally keeps at least one entry; PEFT may keep zero.
-We keep at least one (mergekit) -- the two only differ when ``p * n < 1``.
+A ``Sparsifier`` is data (its name, parameters, whether it draws random numbers); ``start`` builds
+the state for one task vector of one tensor, which the engine drives block by block:
 
-Ties in magnitude are broken by position (lower flat index wins), so masks are deterministic and
-keep exactly the requested count; mergekit (argsort) and PEFT (topk) break ties arbitrarily, so on
-inputs with repeated magnitudes *which* tied entries are kept may differ, never how many.
+- ``passes``: statistics passes it needs before the apply pass (0, or 1 for a whole-tensor
+  statistic: a top-k threshold, a norm), ``observe``/``finish`` per pass; ``refine`` asks for more;
+- ``apply(x, keep)``: the thinned block (a new tensor, or ``x`` itself when nothing is dropped);
+  ``keep(shape, p)`` draws the vector's next keep-mask from the random streams.
 
-Speed and memory: the top-k selection never sorts the tensor and never makes a tensor-sized
-temporary. ``TopK`` brackets the threshold with a fixed pseudo-random sample, counts the entries
-above the bracket and gathers the thin band inside it in one chunked pass, and runs an exact
-``kthvalue`` on that band only (a full ``kthvalue`` is the fallback if the sample missed). Masks are
-then produced chunk by chunk (``trimmed_chunks``), so TIES-style methods stream over 4M-entry
-chunks whose 16 MB temporaries the allocator reuses.
+The four sparsifiers, after their papers (counts and rescales as mergekit and PEFT have them):
+
+- magnitude (TIES trim, Yadav et al. 2023): keep the ``keep_count(n, density)`` largest ``|tau|``;
+- outliers (Model Breadcrumbs, Davari & Belilovsky 2024): drop the top ``gamma`` fraction too;
+- dare (Yu et al. 2024): keep each entry with probability ``density``, divide kept ones by it;
+- della (MagPrune, Deep et al. 2024): keep probability linear in the entry's magnitude rank within
+  its row, from ``density - epsilon`` to ``density + epsilon``, kept ones divided by it.
+
+``rescale`` of dare and della may instead match a norm of the dropped vector to the original's
+(``"l1"`` is mergekit 0.1.5's choice): a whole-tensor statistic, so one statistics pass.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
+from .params import ParamSpec
+from .reduce import NormMatch
+from .topk import SAMPLE, TopK, keep_count
+
 Tensor = torch.Tensor
+Keep = Callable[[tuple[int, ...], Any], Tensor]  # (shape, probability) -> bool keep-mask
 
-_EXACT_BELOW = 1 << 17  # below this many entries a plain kthvalue is cheapest
-_SAMPLE = 1 << 17
+RESCALE_CHOICES = (True, False, "l1", "l2", "linf")
+SAMPLERS = ("uniform", "bernoulli")
+
+GAMMA = ParamSpec("gamma", "float", 0.01, "fraction of largest-magnitude entries removed as outliers (paper's gamma)",
+                  low=0.0, high=1.0, open_high=True, per_layer=True)
+EPSILON = ParamSpec(
+    "epsilon", "float", 0.15,
+    "half-width of the keep-probability range around density (paper's epsilon; default as in mergekit)",
+    low=0.0, high=1.0, open_high=True, per_layer=True,
+)
+SAMPLER = ParamSpec(
+    "sampler", "choice", "uniform",
+    "how the keep-masks are drawn: 'uniform' (32-bit random words, fastest) or 'bernoulli' (torch.bernoulli, the "
+    "same stream as PEFT/mergekit for the same seed)",
+    choices=SAMPLERS,
+)
+_RESCALE_DOC = ("true: divide kept entries by their keep probability (the papers, PEFT); 'l1'/'l2'/'linf': rescale the "
+                "dropped tensor to keep that norm (mergekit 0.1.5 uses 'l1'); false: no rescale")
+RESCALE = ParamSpec("rescale", "choice", True, _RESCALE_DOC, choices=RESCALE_CHOICES)
 
 
-def keep_count(n: int, density: float) -> int:
-    """Entries a magnitude trim keeps: ``max(1, int(density * n))`` (mergekit's rule), ``n`` at density >= 1."""
-    if density >= 1.0:
-        return n
-    if n == 0:
-        return 0
-    return max(1, int(density * n))
+def norm_rescale(params: dict[str, Any]) -> str | None:
+    """The norm a ``rescale`` parameter matches, or None when it is a per-entry rescale (or none)."""
+    r = params.get("rescale", True)
+    return None if r in (True, False, None) else str(r)
 
 
-CHUNK = 1 << 22  # entries per streamed chunk: 16 MB float32 temporaries, reused from the heap
+# ----------------------------------------------------------------------------------- states
 
 
-def chunk_slices(n: int, chunk: int | None = None) -> list[slice]:
-    chunk = chunk or CHUNK
-    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)] or [slice(0, 0)]
+class _Vector:
+    """The state of one task vector: no statistics, nothing dropped."""
+
+    passes = 0
+    refine = False
+
+    def observe(self, x: Tensor, keep: Keep) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def apply(self, x: Tensor, keep: Keep) -> Tensor:
+        return x
 
 
-class TopK:
-    """Exact selection of the ``k`` largest entries of ``|x|`` (ties broken by position), streamed.
+class _Trimmed(_Vector):
+    """Magnitude trim (``drop`` None) or Breadcrumbs band (``drop``: the top entries removed again)."""
 
-    The threshold is found without sorting and without a tensor-sized temporary: a strided sample
-    brackets it, one chunked pass counts the entries above the upper bracket and gathers the thin
-    band between the brackets, and ``kthvalue`` on that band gives the exact k-th largest
-    magnitude (a full ``kthvalue`` is the fallback if the sample missed). ``mask(abs_chunk)`` then
-    yields the keep-mask chunk by chunk; it must be called on consecutive chunks in order, because
-    entries equal to the threshold are kept first-come.
-    """
+    passes = 1
 
-    def __init__(self, x: Tensor, k: int):
-        flat = x.reshape(-1)
-        self.n = n = flat.numel()
-        self.k = k
-        self.all = k >= n
-        self.none = k <= 0
-        self.thr: Tensor | None = None
-        self.eq_left = 0  # entries equal to thr still to keep, in position order
-        self.simple = True  # every entry equal to thr is kept: mask = |x| >= thr
-        if self.all or self.none:
-            return
-        thr, n_gt, n_eq = None, 0, 0
-        if n > _EXACT_BELOW:
-            found = self._banded(flat, k)
-            if found is not None:
-                thr, n_gt, n_eq = found
-        if thr is None:
-            a = flat.abs()
-            thr = torch.kthvalue(a, n - k + 1).values
-            n_gt = int(torch.count_nonzero(a > thr))
-            n_eq = int(torch.count_nonzero(a == thr))
-            del a
-        self.thr = thr
-        self.eq_left = k - n_gt
-        self.simple = self.eq_left == n_eq
+    def __init__(self, keep: TopK, drop: TopK | None):
+        self.tops = [t for t in (keep, drop) if t is not None]
+        self.drop = drop
 
-    @staticmethod
-    def _banded(flat: Tensor, k: int) -> tuple[Tensor, int, int] | None:
-        n = flat.numel()
-        # a fixed pseudo-random sample (a strided one can hit the same columns of every row)
-        g = torch.Generator(device="cpu").manual_seed(n)
-        idx = torch.randint(n, (min(_SAMPLE, n),), generator=g).to(flat.device)
-        sample = flat[idx].abs()
-        m = sample.numel()
-        q = 1.0 - k / n  # fraction of entries below the threshold
-        # ~5 standard deviations of a sample quantile, plus slack for discreteness
-        margin = 5.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 4.0 / m
-        lo_i, hi_i = int(math.floor((q - margin) * m)), int(math.ceil((q + margin) * m))
-        # two order statistics of the sample (kthvalue is 1-based), no sort
-        lo = torch.kthvalue(sample, lo_i + 1).values if lo_i >= 0 else None
-        hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < m else None
-        c_hi = 0
-        cands = []
-        for sl in chunk_slices(n):
-            a = flat[sl].abs()
-            if hi is not None:
-                c_hi += int(torch.count_nonzero(a > hi))
-                band = a <= hi
-                if lo is not None:
-                    band &= a >= lo
-                cands.append(a[band])
-            elif lo is not None:
-                cands.append(a[a >= lo])
-            else:
-                cands.append(a)
-        if c_hi > k:
-            return None
-        cand = torch.cat(cands)
-        need = k - c_hi
-        if need > cand.numel() or need <= 0:
-            return None
-        thr = torch.kthvalue(cand, cand.numel() - need + 1).values
-        n_gt = c_hi + int(torch.count_nonzero(cand > thr))
-        n_eq = int(torch.count_nonzero(cand == thr))
-        return thr, n_gt, n_eq
+    @property
+    def refine(self) -> bool:
+        return any(t.refine for t in self.tops)
+
+    def observe(self, x: Tensor, keep: Keep) -> None:
+        a = x.abs()
+        for t in self.tops:
+            t.observe(a)
+
+    def finish(self) -> None:
+        for t in self.tops:
+            t.finish()
 
     def mask(self, a: Tensor) -> Tensor:
-        """Keep-mask of the next chunk, given its absolute values ``a``."""
-        if self.all:
-            return torch.ones_like(a, dtype=torch.bool)
-        if self.none:
-            return torch.zeros_like(a, dtype=torch.bool)
-        if self.simple:
-            return a >= self.thr
-        keep = a > self.thr
-        if self.eq_left > 0:
-            eq = a == self.thr
-            n_eq = int(torch.count_nonzero(eq))
-            if n_eq <= self.eq_left:
-                keep |= eq
-                self.eq_left -= n_eq
-            elif n_eq:
-                idx = eq.reshape(-1).nonzero().flatten()[: self.eq_left]
-                keep.view(-1)[idx] = True
-                self.eq_left = 0
-        return keep
-
-
-class Trim:
-    """Streamed magnitude trim of one task vector: ``top`` keeps the largest ``keep`` entries;
-    with ``drop_top`` > 0 the largest ``drop_top`` of those are removed again (Breadcrumbs)."""
-
-    def __init__(self, x: Tensor, keep: int, drop_top: int = 0):
-        self.keep = TopK(x, keep + drop_top)
-        self.drop = TopK(x, drop_top) if drop_top > 0 else None
-
-    def mask(self, a: Tensor) -> Tensor:
-        m = self.keep.mask(a)
+        """Keep-mask of the next block given its magnitudes (blocks in order)."""
+        m = self.tops[0].mask(a)
         if self.drop is not None:
             m &= ~self.drop.mask(a)
         return m
 
-
-def magnitude_trim(x: Tensor, density: float) -> Trim | None:
-    """The streamed TIES trim of ``x`` at ``density`` (None: nothing is trimmed)."""
-    if density >= 1.0:
-        return None
-    return Trim(x, keep_count(x.numel(), density))
+    def apply(self, x: Tensor, keep: Keep) -> Tensor:
+        return x * self.mask(x.abs())
 
 
-def outlier_trim(x: Tensor, density: float, gamma: float) -> Trim | None:
-    """The streamed Model Breadcrumbs mask of ``x`` (None: nothing is removed).
+class _Dropped(_Vector):
+    """Random drop with per-entry keep probability ``prob(x)`` (a number or a tensor), then rescale."""
 
-    Same counts as mergekit's ``magnitude_outliers``: ``int(density * n)`` entries are kept after
-    removing the ``int(gamma * n)`` largest, fewer outliers being removed when ``density + gamma > 1``.
-    """
-    if density >= 1.0:
-        return None
-    n = x.numel()
+    def __init__(self, prob: Callable[[Tensor], Any], rescale: Any):
+        self.prob = prob
+        self.rescale = rescale
+        self.match = NormMatch(rescale) if isinstance(rescale, str) else None
+        self.passes = 0 if self.match is None else 1
+
+    def _thin(self, x: Tensor, keep: Keep) -> tuple[Tensor, Any]:
+        p = self.prob(x)
+        return x * keep(tuple(x.shape), p), p
+
+    def observe(self, x: Tensor, keep: Keep) -> None:
+        self.match.observe(x, self._thin(x, keep)[0])
+
+    def finish(self) -> None:
+        self.match.finish()
+
+    def apply(self, x: Tensor, keep: Keep) -> Tensor:
+        kept, p = self._thin(x, keep)
+        if self.rescale is True:
+            return kept.div_(p)
+        return kept if self.match is None else self.match.apply(kept)
+
+
+# ----------------------------------------------------------------------------------- sparsifiers
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """How each task vector is thinned: name, parameters, randomness, and its per-tensor state."""
+
+    name: str
+    params: tuple[ParamSpec, ...]
+    start_fn: Callable[..., _Vector]
+    random: bool = False
+    needs_sample: bool = False  # a top-k threshold: brackets it with a sample of the vector
+    words: bool = False  # a scalar keep probability: the 'uniform' sampler may use 32-bit words
+
+    def start(self, n: int, density: float, params: dict[str, Any], sample: Tensor | None = None) -> _Vector:
+        """State for one task vector of ``n`` entries at ``density`` (``sample``: some of its values)."""
+        if density >= 1.0:
+            return _Vector()
+        return self.start_fn(n, density, params, sample)
+
+    def draws(self, params: dict[str, Any]) -> str:
+        """The kind of random stream it reads (see ``streams``): 32-bit ``words`` or ``floats``."""
+        return "words" if self.words and params.get("sampler", "uniform") == "uniform" else "floats"
+
+    def row_local(self, params: dict[str, Any]) -> bool:
+        """True when a kept entry depends on its own row only (no whole-tensor statistic)."""
+        return not self.needs_sample and norm_rescale(params) is None
+
+
+def _magnitude(n: int, density: float, params: dict, sample: Tensor | None) -> _Vector:
+    a = None if sample is None else sample.abs()
+    return _Trimmed(TopK(n, keep_count(n, density), a), None)
+
+
+def _outliers(n: int, density: float, params: dict, sample: Tensor | None) -> _Vector:
+    """Same counts as mergekit's ``magnitude_outliers``: ``int(density * n)`` entries kept after removing
+    the ``int(gamma * n)`` largest, fewer outliers removed when ``density + gamma > 1``."""
+    a = None if sample is None else sample.abs()
     target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    return Trim(x, target, n - target - n_bot)
+    n_bot = max(0, n - target - int(float(params["gamma"]) * n))
+    drop = n - target - n_bot
+    return _Trimmed(TopK(n, target + drop, a), TopK(n, drop, a) if drop > 0 else None)
 
 
-def trimmed_chunks(deltas, trims):
-    """Yield ``(slice, [chunk of trimmed delta k])`` over the flattened deltas, chunk by chunk.
-
-    Untrimmed deltas (trim None) yield views of the input; trimmed ones small new tensors.
-    """
-    flats = [d.reshape(-1) for d in deltas]
-    for sl in chunk_slices(flats[0].numel()):
-        out = []
-        for f, t in zip(flats, trims):
-            c = f[sl]
-            out.append(c if t is None else c * t.mask(c.abs()))
-        yield sl, out
+def _dare(n: int, density: float, params: dict, sample: Tensor | None) -> _Vector:
+    return _Dropped(lambda x: density, params["rescale"])
 
 
-def _full_mask(x: Tensor, trim: Trim | None) -> Tensor:
-    if trim is None:
-        return torch.ones_like(x, dtype=torch.bool)
-    flat = x.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.bool, device=x.device)
-    for sl in chunk_slices(flat.numel()):
-        out[sl] = trim.mask(flat[sl].abs())
-    return out.view(x.shape)
+def _della(n: int, density: float, params: dict, sample: Tensor | None) -> _Vector:
+    eps = float(params["epsilon"])
+    check_della(density, eps)
+    return _Dropped(lambda x: della_probabilities(x, density, eps), params["rescale"])
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Boolean mask keeping the ``keep_count(n, density)`` entries with largest |delta| (TIES trim)."""
-    return _full_mask(delta, magnitude_trim(delta, density))
+NONE = Sparsifier("none", (), lambda *a: _Vector())
+MAGNITUDE = Sparsifier("magnitude", (), _magnitude, needs_sample=True)
+OUTLIERS = Sparsifier("outliers", (GAMMA,), _outliers, needs_sample=True)
+DARE = Sparsifier("dare", (RESCALE, SAMPLER), _dare, random=True, words=True)
+DELLA = Sparsifier("della", (EPSILON, RESCALE, SAMPLER), _della, random=True)
 
 
-def magnitude_prune(delta: Tensor, density: float) -> Tensor:
-    """Keep the top ``density`` fraction of entries by magnitude, zero the rest (no rescale).
-
-    Returns ``delta`` itself (not a copy) when nothing is trimmed.
-    """
-    if density >= 1.0:
-        return delta
-    return delta * magnitude_mask(delta, density)
-
-
-def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs mask: drop the ``gamma`` fraction of largest-|delta| entries and the smallest
-    ones, keeping ``int(density * n)`` entries in all (see ``outlier_trim``)."""
-    return _full_mask(delta, outlier_trim(delta, density, gamma))
-
-
-SAMPLERS = ("uniform", "bernoulli")
-
-
-def keep_draw(probs: Tensor | float, shape, device, generator: torch.Generator | None, sampler: str) -> Tensor:
-    """Bool keep-mask, entry i kept with probability ``probs`` (a number or a tensor of ``shape``).
-
-    ``sampler="uniform"`` (default, ~4x faster on CPU): ``rand < p``, or for a number ``p`` and a
-    CPU generator the same test on 32-bit random words (``_bits_below``, faster still). ``"bernoulli"``:
-    ``torch.bernoulli(p)``, the call PEFT's ``random_pruning`` and mergekit's ``bernoulli`` make on the
-    global generator, so a generator seeded like it reproduces their masks exactly. Both draw on the
-    generator's device and move the mask to ``device``, so the engine's CPU generators give the same
-    mask whether the merge runs on the CPU or a GPU.
-    """
-    where = generator.device if generator is not None else device
-    if isinstance(probs, Tensor):
-        probs = probs.to(where)
-    elif sampler == "uniform" and generator is not None and generator.device.type == "cpu":
-        return _bits_below(shape, float(probs), generator).to(device)
-    if sampler == "uniform":
-        u = torch.rand(shape, generator=generator, device=where, dtype=torch.float32)
-        keep = u < probs
-    elif sampler == "bernoulli":
-        p = probs if isinstance(probs, Tensor) else torch.full(shape, float(probs), dtype=torch.float32, device=where)
-        keep = torch.bernoulli(p, generator=generator).to(torch.bool)
-    else:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
-    return keep.to(device)
-
-
-def _bits_below(shape, p: float, generator: torch.Generator) -> Tensor:
-    """Bool mask, each entry True with probability ``p`` (to 2**-32): 32-bit words of a numpy SFC64
-    stream seeded from one draw of ``generator``, compared with ``p * 2**32``.
-
-    The "uniform" sampler for a number ``p`` and a CPU generator: about 2.3x faster than
-    ``torch.rand(...) < p`` on CPU (measured 6.3 vs 14.7 ms per 4M entries), same kept fraction.
-    """
-    n = math.prod(shape)
-    if p >= 1.0 or p <= 0.0:
-        return torch.full(tuple(shape), p >= 1.0, dtype=torch.bool)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    words = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(words < np.uint32(min(round(p * 2**32), 2**32 - 1))).reshape(tuple(shape))
-
-
-def random_mask(
-    delta: Tensor, density: float, generator: torch.Generator | None, sampler: str = "uniform"
-) -> Tensor:
-    """Bernoulli(density) keep-mask drawn from ``generator`` (DARE's drop step); see ``keep_draw``."""
-    return keep_draw(float(density), delta.shape, delta.device, generator, sampler)
-
-
-def norm_of(x: Tensor, norm: str) -> Tensor:
-    """The ``l1``/``l2``/``linf`` norm of ``x`` as one fused reduction (no temporary ``|x|``)."""
-    ords = {"l1": 1, "l2": 2, "linf": float("inf")}
-    if norm not in ords:
-        raise ValueError(f"rescale norm must be 'l1', 'l2' or 'linf', not {norm!r}")
-    return torch.linalg.vector_norm(x, ord=ords[norm])
-
-
-def norm_rescale(original: Tensor, masked: Tensor, norm: str, eps: float = 1e-7) -> Tensor:
-    """Scale ``masked`` (in place) so its ``norm`` matches ``original``'s (mergekit 0.1.5's rescale)."""
-    if original.numel() == 0:
-        return masked
-    before = norm_of(original, norm)
-    after = norm_of(masked, norm)
-    if before < eps or after < eps:
-        return masked
-    return masked.mul_(before / after)
-
-
-RESCALE_CHOICES = (True, False, "l1", "l2", "linf")
-
-
-def dare_drop(
-    delta: Tensor,
-    density: float,
-    generator: torch.Generator | None,
-    rescale: bool | str = True,
-    sampler: str = "uniform",
-) -> Tensor:
-    """DARE (Yu et al. 2024): drop each entry with probability 1-density, rescale the kept ones.
-
-    ``rescale=True`` divides kept entries by ``density`` (the paper; PEFT's ``rescale=True``), which
-    keeps the delta's expectation equal to the delta. ``"l1"``/``"l2"``/``"linf"`` instead rescale the
-    whole tensor so that norm is preserved (mergekit 0.1.5's ``rescale: true`` uses ``"l1"``).
-    ``False`` keeps the dropped delta unscaled (a known mistake in some published scripts).
-    """
-    if density >= 1.0:
-        return delta
-    kept = delta * random_mask(delta, density, generator, sampler)
-    if rescale is True:
-        return kept.div_(density)
-    if rescale is False or rescale is None:
-        return kept
-    return norm_rescale(delta, kept, str(rescale))
+# ----------------------------------------------------------------------------------- helpers
 
 
 def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -342,33 +222,53 @@ def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor
     return probs.reshape(delta.shape)
 
 
-def della_drop(
-    delta: Tensor,
-    density: float,
-    epsilon: float,
-    generator: torch.Generator | None,
-    rescale: bool | str = True,
-    sampler: str = "uniform",
-) -> Tensor:
-    """DELLA MagPrune (Deep et al. 2024): drop entry i with probability ``1 - p_i`` (``p_i`` from
-    ``della_probabilities``), rescale kept entries by ``1 / p_i`` (the paper; ``rescale=True``) or to
-    match a norm (``"l1"``: mergekit 0.1.5), or not at all (``False``).
-    """
-    if density >= 1.0:
-        return delta
-    check_della(density, epsilon)
-    probs = della_probabilities(delta, density, epsilon)
-    keep = keep_draw(probs, probs.shape, delta.device, generator, sampler)
-    kept = delta * keep
-    if rescale is True:
-        return kept.div_(probs)
-    if rescale is False or rescale is None:
-        return kept
-    return norm_rescale(delta, kept, str(rescale))
-
-
 def check_della(density: float, epsilon: float) -> None:
     if density < 1.0 and (density + epsilon >= 1.0 or density - epsilon <= 0.0):
         raise ValueError(
             f"DELLA needs density +/- epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
         )
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Boolean mask keeping the ``keep_count(n, density)`` entries with largest |delta| (TIES trim)."""
+    return _one_pass_mask(MAGNITUDE, delta, density, {})
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs mask: drop the ``gamma`` fraction of largest-|delta| entries and the smallest
+    ones, keeping ``int(density * n)`` entries in all."""
+    return _one_pass_mask(OUTLIERS, delta, density, {"gamma": gamma})
+
+
+def _one_pass_mask(s: Sparsifier, delta: Tensor, density: float, params: dict) -> Tensor:
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    state = s.start(delta.numel(), density, params, sample_of(delta))
+    a = delta.abs()
+    while True:
+        state.observe(delta, None)
+        state.finish()
+        if not state.refine:
+            break
+    return state.mask(a)
+
+
+def sample_positions(n: int, size: int = SAMPLE) -> Tensor:
+    """Fixed pseudo-random flat positions (seeded by ``n``) whose values bracket a top-k threshold."""
+    g = torch.Generator(device="cpu").manual_seed(n)
+    return torch.randint(n, (min(size, n),), generator=g)
+
+
+def sample_of(x: Tensor) -> Tensor:
+    """``x``'s values at ``sample_positions``."""
+    flat = x.reshape(-1)
+    return flat[sample_positions(flat.numel()).to(flat.device)]
+
+
+def random_mask(delta: Tensor, density: float, generator: torch.Generator | None, sampler: str = "uniform") -> Tensor:
+    """Bernoulli(density) keep-mask of one task vector drawn from ``generator`` as DARE draws it."""
+    from .streams import BlockStreams
+
+    gen = generator if generator is not None else torch.default_generator
+    kind = DARE.draws({"sampler": sampler})
+    return BlockStreams(gen, delta.numel(), 1, kind).keep(0, tuple(delta.shape), density, delta.device)

@@ -6,27 +6,26 @@ merge plan by LM-relative name (``mapping.plan.build_plan`` over a reader-like v
 middle). For every merged tensor the expert and base rows are read once and kept in float32 (the
 task vectors themselves in inject mode), together with a copy of the VLM's original tensor.
 
-A point is applied with the engine's own per-tensor function, :func:`skillgraft.engine.merge_entry`,
+A point is applied with the engine's own per-tensor merge, :func:`skillgraft.engine.merge_tensor`,
 fed the *checkpoint's* plan entry (so random methods draw from ``tensor_seed(seed, checkpoint
 name)`` exactly as ``skillgraft inject`` does, and the in-place model equals the checkpoint that
-``inject`` would write, bit for bit). ``restore()`` copies the saved originals back: the model is
-then bit-identical to the VLM as loaded.
+``inject`` would write, bit for bit). Cached task vectors are handed to the engine as task vectors
+(no base subtraction). ``restore()`` copies the saved originals back: the model is then
+bit-identical to the VLM as loaded.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import engine
-from ..engine import Loaded, MergeSettings
+from ..engine import MergeSettings, merge_tensor
 from ..errors import SkillgraftError
 from ..mapping.plan import Entry, Plan, build_plan
+from ..sources import Inputs
 
 
 class StateDictView:
@@ -34,8 +33,6 @@ class StateDictView:
 
     Tensors that share storage (tied embeddings / LM head) are listed once, under the first name.
     """
-
-    format = "memory"
 
     def __init__(self, model: torch.nn.Module, root: str | Path = "<memory>"):
         self.root = Path(str(root))
@@ -95,29 +92,6 @@ class Slot:
     base: torch.Tensor | None
 
 
-def _zeros_like_rows(t: torch.Tensor) -> torch.Tensor:
-    """A zero "base" the shape of ``t`` that takes no memory (a stride-0 view): tau - 0 == tau exactly."""
-    return torch.zeros((), dtype=torch.float32, device=t.device).expand(t.shape)
-
-
-def engine_merge(loaded: Loaded, settings: MergeSettings, device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
-    """The engine's own per-tensor merge (all rows, VLM-only rows copied), in ``out_dtype``."""
-    out, _ = engine.merge_entry(loaded, settings, device, out_dtype)
-    return out
-
-
-def lm_bytes(plan: Plan) -> int:
-    """Bytes of the VLM tensors a merge touches (float32 row slices counted in full)."""
-    total = 0
-    for e in plan.entries:
-        if e.action == "merge":
-            n = 1
-            for s in e.shape:
-                n *= s
-            total += n
-    return total
-
-
 class InPlaceModel:
     """A VLM in memory with cached task vectors; ``apply(settings)`` / ``restore()`` per point.
 
@@ -128,7 +102,6 @@ class InPlaceModel:
 
     def __init__(self, model: torch.nn.Module, plan: Plan, *, cache_taus: bool, device: str = "cpu",
                  allow_unmatched: bool = False):
-        t0 = time.perf_counter()
         self.model = model
         self.plan = plan
         self.device = torch.device(device)
@@ -179,14 +152,6 @@ class InPlaceModel:
                 f"e.g. {real[0]}; use --inplace never"
             )
         self.applied = False
-        self.setup_s = time.perf_counter() - t0
-
-    def cache_bytes(self) -> int:
-        n = 0
-        for s in self.slots:
-            n += s.original.numel() * s.original.element_size()
-            n += sum(x.numel() * 4 for x in s.experts) + (s.base.numel() * 4 if s.base is not None else 0)
-        return n
 
     @torch.no_grad()
     def apply(self, settings: MergeSettings) -> None:
@@ -195,22 +160,16 @@ class InPlaceModel:
             self.restore()
         if settings.dtype != "auto":
             raise SkillgraftError("in-place sweeps keep the VLM's dtype; leave --dtype at auto")
-        needs_base = settings.method.kind == "delta"
-        if needs_base and self.cache_taus and settings.mode != "inject":
+        if self.cache_taus and settings.method.kind == "interp":
+            raise SkillgraftError("in-place cache holds task vectors only; interpolation methods need the expert")
+        if self.cache_taus and settings.mode != "inject":
             raise SkillgraftError("in-place cache holds task vectors only; symmetric mode needs the base rows")
         self.applied = True
         for s in self.slots:
-            e = s.entry
-            if settings.method.kind == "interp":
-                if self.cache_taus:
-                    raise SkillgraftError("in-place cache holds task vectors only; interpolation methods need the expert")
-                loaded = Loaded(e, s.original, None, s.experts)
-            elif self.cache_taus:
-                loaded = Loaded(e, s.original, _zeros_like_rows(s.experts[0]), s.experts)
-            else:
-                loaded = Loaded(e, s.original, s.base, s.experts)
+            inputs = Inputs(s.original, s.base, s.experts)
             # the checkpoint holds the stored dtype; a model loaded in another dtype sees that value cast
-            out = engine_merge(loaded, settings, self.device, e.dtype)
+            out, _ = merge_tensor(s.entry, inputs, settings, self.device, s.entry.dtype,
+                                  deltas=[self.cache_taus] * len(s.experts))
             s.param.copy_(out)
 
     @torch.no_grad()
@@ -223,10 +182,3 @@ class InPlaceModel:
     def state_equal_to_original(self) -> bool:
         return all(torch.equal(s.param, s.original) for s in self.slots)
 
-
-def open_plan(recipe: Any, stack: ExitStack, *, allow_unmatched: bool = False):
-    """``api.prepare`` for ``recipe``: (plan, settings, warnings) with readers held open by ``stack``."""
-    from ..pipeline import prepare
-
-    prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
-    return prep

@@ -1,0 +1,97 @@
+"""Memory: the budget a merge runs under, and the allocator policy of the command line.
+
+``max_memory`` bounds the peak resident memory of the process during a merge: the engine sizes its
+row blocks, its read-ahead and what it may hold between passes to stay under it, and refuses up
+front, saying why, when a tensor cannot be merged within it. The default is sized to the machine:
+half of the memory available when the run starts, at most ``DEFAULT_CAP``.
+
+``tune_allocator`` is process-wide and only the command-line entry point calls it: a library caller
+keeps their allocator as it is (the budget holds either way; see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+GiB = 2**30
+DEFAULT_CAP = int(1.25 * GiB)
+HEAP_LIMIT = 96 * 2**20  # allocator policy: blocks up to this size stay on the heap for reuse
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or a plain integer; ValueError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise ValueError(f"not a {what}: {text!r} (use e.g. 4GB, 500MB, 2GiB)")
+        value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    if value < 1:
+        raise ValueError(f"{what} must be positive, got {text!r}")
+    return int(value)
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_bytes() -> int:
+    """Memory the kernel says is available to new work (MemAvailable), else total physical memory."""
+    avail = _meminfo("MemAvailable")
+    if avail is not None:
+        return avail
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * GiB
+
+
+def default_max_memory() -> int:
+    """The default budget: half the available memory, at most ``DEFAULT_CAP``."""
+    return min(DEFAULT_CAP, available_bytes() // 2)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameter numbers (glibc malloc.h)
+
+
+def tune_allocator() -> bool:
+    """Process-wide glibc malloc policy for merging (the command line calls this; libraries should not).
+
+    Freed tensor blocks up to ``HEAP_LIMIT`` stay on one heap for reuse instead of going back to the
+    kernel after every block (fresh pages are zeroed in page faults, which costs more than the
+    arithmetic on them); one arena for all threads, since the reader thread's buffers are freed by
+    the merge thread. Returns False where glibc is not available (nothing is changed).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    libc.mallopt(_M_MMAP_THRESHOLD, HEAP_LIMIT)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_LIMIT)
+    libc.mallopt(_M_ARENA_MAX, 1)
+    return True

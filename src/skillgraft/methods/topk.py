@@ -1,0 +1,192 @@
+"""Exact top-k by magnitude over a tensor seen block by block, in bounded memory.
+
+``TopK`` finds the ``k`` largest ``|x|`` of an ``n``-entry tensor (ties broken by position: the
+lower flat index wins) without holding the tensor: one statistics pass over its blocks, in order,
+then a keep-mask per block in the apply pass.
+
+The statistics pass brackets the threshold with a sample of ``|x|`` (``sample``), counts the entries
+above the bracket and gathers the thin band inside it; ``kthvalue`` on the band gives the exact
+k-th largest magnitude. If the sample missed (the band does not contain the k-th entry, or it grew
+past ``band_cap`` entries), ``refine`` asks for two more passes that find the threshold exactly by
+radix selection on the float bits: a histogram of the top 16 bits, then of the low 15 bits inside
+the chosen bin. Without a sample (tensors of at most ``EXACT_BELOW`` entries) every value is the band.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+EXACT_BELOW = 1 << 17  # up to this many entries the band is the whole tensor
+SAMPLE = 1 << 17  # entries of the sample that brackets the threshold
+_HIGH, _LOW = 1 << 16, 1 << 15  # radix bins: bits 30..15, then bits 14..0 of a non-negative float32
+
+
+def keep_count(n: int, density: float) -> int:
+    """Entries a magnitude trim keeps: ``max(1, int(density * n))`` (mergekit's rule), ``n`` at density >= 1."""
+    if density >= 1.0:
+        return n
+    if n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+def bracket(sample: Tensor, n: int, k: int) -> tuple[Tensor | None, Tensor | None]:
+    """Lower and upper bounds of the k-th largest of ``n`` magnitudes, from a sample of them.
+
+    The bounds sit about five standard deviations of a sample quantile either side of it (plus slack
+    for discreteness); ``None`` is an open end.
+    """
+    m = sample.numel()
+    q = 1.0 - k / n  # fraction of entries below the threshold
+    margin = 5.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 4.0 / m
+    lo_i, hi_i = int(math.floor((q - margin) * m)), int(math.ceil((q + margin) * m))
+    lo = torch.kthvalue(sample, lo_i + 1).values if lo_i >= 0 else None
+    hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < m else None
+    return lo, hi
+
+
+class TopK:
+    """Exact streamed selection of the ``k`` largest of ``n`` magnitudes (see the module docstring).
+
+    Use: ``observe`` the ``|x|`` of every block in order, ``finish``; while ``refine`` is true,
+    ``observe``/``finish`` the blocks again; then ``mask`` the blocks in order.
+    """
+
+    def __init__(self, n: int, k: int, sample: Tensor | None = None, band_cap: int | None = None):
+        self.n, self.k = n, k
+        self.all, self.none = k >= n, k <= 0
+        self.lo = self.hi = None
+        if not (self.all or self.none) and sample is not None and n > EXACT_BELOW:
+            self.lo, self.hi = bracket(sample, n, k)
+        self.band_cap = band_cap if band_cap is not None else max(1 << 22, n // 50)
+        self._reset()
+        self.thr: Tensor | None = None
+        self.eq_left = 0  # entries equal to thr still to keep, in position order
+        self.simple = True  # every entry equal to thr is kept: mask = |x| >= thr
+        self.refine = False
+        self._stage = "band"
+        self._bin = 0
+        self._above = 0
+
+    @property
+    def needs_pass(self) -> bool:
+        return not (self.all or self.none)
+
+    def _reset(self) -> None:
+        self.c_hi = 0
+        self.band: list[Tensor] = []
+        self.band_n = 0
+        self.hist: Tensor | None = None
+
+    def observe(self, a: Tensor) -> None:
+        """Statistics of the next block's magnitudes (any shape; read in flat order)."""
+        if not self.needs_pass:
+            return
+        a = a.reshape(-1)
+        if self._stage != "band":
+            self._observe_radix(a)
+            return
+        if self.hi is not None:
+            self.c_hi += int(torch.count_nonzero(a > self.hi))
+            keep = a <= self.hi
+            if self.lo is not None:
+                keep &= a >= self.lo
+            band = a[keep]
+        elif self.lo is not None:
+            band = a[a >= self.lo]
+        else:
+            band = a.clone()
+        if self.band_n + band.numel() > self.band_cap:
+            self.band_n = self.band_cap + 1  # give up gathering; the radix passes will decide
+            self.band = []
+            return
+        self.band.append(band)
+        self.band_n += band.numel()
+
+    def finish(self) -> None:
+        """End of a statistics pass: the threshold, or ``refine`` set for another pass."""
+        if not self.needs_pass:
+            return
+        if self._stage == "band":
+            found = self._from_band()
+            if found is not None:
+                self._set(*found)
+                return
+            self._stage, self.refine = "high", True
+        elif self._stage == "high":
+            self._pick_high()
+        else:
+            self._pick_low()
+        self._reset()
+
+    def _from_band(self) -> tuple[Tensor, int, int] | None:
+        if self.band_n > self.band_cap or self.c_hi > self.k:
+            return None
+        need = self.k - self.c_hi
+        cand = torch.cat(self.band) if self.band else torch.empty(0)
+        if need > cand.numel() or need <= 0:
+            return None
+        thr = torch.kthvalue(cand, cand.numel() - need + 1).values
+        n_gt = self.c_hi + int(torch.count_nonzero(cand > thr))
+        n_eq = int(torch.count_nonzero(cand == thr))
+        return thr, n_gt, n_eq
+
+    def _observe_radix(self, a: Tensor) -> None:
+        bits = a.float().contiguous().view(torch.int32)
+        if self._stage == "high":
+            counts = torch.bincount((bits >> 15).reshape(-1), minlength=_HIGH)
+        else:
+            inside = bits[(bits >> 15) == self._bin]
+            counts = torch.bincount(inside & (_LOW - 1), minlength=_LOW)
+        self.hist = counts if self.hist is None else self.hist + counts
+
+    def _pick(self, above: int) -> tuple[int, int]:
+        """(bin holding the k-th largest, entries above that bin), counting down from the top."""
+        hist = self.hist.cpu()
+        from_top = hist.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, torch.tensor(self.k - above)))
+        b = hist.numel() - 1 - i
+        return b, above + int(from_top[i] - hist[b])
+
+    def _pick_high(self) -> None:
+        self._bin, self._above = self._pick(0)
+        self._stage = "low"
+
+    def _pick_low(self) -> None:
+        low, n_gt = self._pick(self._above)
+        n_eq = int(self.hist[low])
+        thr = torch.tensor([(self._bin << 15) | low], dtype=torch.int32).view(torch.float32)[0]
+        self._set(thr, n_gt, n_eq)
+
+    def _set(self, thr: Tensor, n_gt: int, n_eq: int) -> None:
+        self.thr = thr
+        self.eq_left = self.k - n_gt
+        self.simple = self.eq_left == n_eq
+        self.refine = False
+        self.band = []
+
+    def mask(self, a: Tensor) -> Tensor:
+        """Keep-mask of the next block, given its magnitudes ``a``; blocks must come in order."""
+        if self.all:
+            return torch.ones_like(a, dtype=torch.bool)
+        if self.none:
+            return torch.zeros_like(a, dtype=torch.bool)
+        thr = self.thr.to(a.device)
+        if self.simple:
+            return a >= thr
+        keep = a > thr
+        if self.eq_left > 0:
+            eq = a == thr
+            n_eq = int(torch.count_nonzero(eq))
+            if n_eq <= self.eq_left:
+                keep |= eq
+                self.eq_left -= n_eq
+            elif n_eq:
+                idx = eq.reshape(-1).nonzero().flatten()[: self.eq_left]
+                keep.view(-1)[idx] = True
+                self.eq_left = 0
+        return keep
