@@ -470,3 +470,50 @@ def test_experts_holding_task_vectors_merge_without_a_base(llava_triple, tmp_pat
     assert set(got) == set(ref)
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
+
+
+def test_cli_max_memory_dry_run_and_refusal(llava_triple, tmp_path, capsys):
+    from skillgraft.cli import main
+
+    t = llava_triple
+    args = ["inject", str(t.vlm), str(t.expert), "--base", str(t.base), "--method", "ties", "--density", "0.5"]
+    assert main([*args, "--dry-run", "--max-memory", "4GB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory: at most 3.73 GiB; row blocks of up to 4,194,304 entries" in out
+    assert "a top-k threshold per task vector" in out
+    assert main([*args, "--max-memory", "10MB", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: max_memory 0.01 GB is too small") and err.count("\n") == 1
+    assert main([*args, "--max-memory", "lots", "-o", str(tmp_path / "o")]) == 2
+    assert "not a memory size: 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_methods_lists_typed_parameters(capsys):
+    from skillgraft.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "--param gamma: float in [0, 1), default 0.01, per layer." in out
+    assert "holds each 2-D tensor whole in float32 for its SVD" in out  # tsv, iso_c
+    assert "statistics pass: a top-k threshold per task vector" in out
+
+
+def test_density_and_method_parameters_take_per_layer_schedules(llava_triple, tmp_path):
+    """Two layers, density [0.2, 0.8] and gamma [0, 0.1]: each layer's tensors are those of the merge run
+    with that layer's values (mergekit-gradient semantics, like scale schedules)."""
+    t = llava_triple
+    sched = inject(_recipe(t, method="breadcrumbs", density=[0.2, 0.8], parameters={"gamma": [0.0, 0.1]}),
+                   tmp_path / "s", progress=False)
+    flat = {layer: inject(_recipe(t, method="breadcrumbs", density=d, parameters={"gamma": g}),
+                          tmp_path / f"l{layer}", progress=False) for layer, d, g in ((0, 0.2, 0.0), (1, 0.8, 0.1))}
+    got = load_weights(sched.out_dir)
+    for layer, res in flat.items():
+        ref = load_weights(res.out_dir)
+        names = [k for k in ref if f".layers.{layer}." in k]
+        assert names and all(torch.equal(got[k], ref[k]) for k in names)
+    assert not torch.equal(got["language_model.model.layers.0.mlp.up_proj.weight"],
+                           load_weights(flat[1].out_dir)["language_model.model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(Exception, match="cannot vary per layer"):
+        inject(_recipe(t, method="ties", density=0.5, parameters={"sign_from": ["count"]}), tmp_path / "x",
+               progress=False)

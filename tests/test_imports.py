@@ -21,10 +21,11 @@ PKG = "skillgraft"
 # lowest first; a module belongs to the first layer with a prefix matching its dotted name
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("skillgraft.errors", "skillgraft.defaults", "skillgraft.version", "skillgraft.torch_state", "skillgraft.methods", "skillgraft.mapping.families",
+     "skillgraft.memory",
      "skillgraft.microworld.world", "skillgraft.microworld.tokenizer", "skillgraft.microworld.scenarios",
      "skillgraft.microworld.zoo"),
     ("skillgraft.io", "skillgraft.schedule", "skillgraft.recipe"),
-    ("skillgraft.mapping", "skillgraft.engine", "skillgraft.report"),
+    ("skillgraft.mapping", "skillgraft.engine", "skillgraft.sources", "skillgraft.report"),
     ("skillgraft.pipeline", "skillgraft.evaluate", "skillgraft.microworld.build", "skillgraft.skills"),
     ("skillgraft.sweep", "skillgraft.analysis", "skillgraft.tune", "skillgraft.microworld", "skillgraft.convert"),
     ("skillgraft.api", "skillgraft"),

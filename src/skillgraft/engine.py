@@ -544,22 +544,11 @@ def describe_plan(plan: Plan, s: MergeSettings) -> list[str]:
         shape = _merged_shape(big)
         lines.append(f"method {s.method.name} holds each of {len(whole)} matrices whole for its SVD (largest: "
                      f"{big.name}, {' x '.join(map(str, shape))}, about {_gb(16 * math.prod(shape))} with the SVD)")
-    kinds = {p.sparsifier.name for p in s.method._all_parts()} | {p.combiner.name for p in s.method._all_parts()}
-    passes = sorted(k for k in kinds if k in PASS_NOTES)
-    if passes:
-        lines.append(f"method {s.method.name} reads each tensor it merges more than once: "
-                     + "; ".join(PASS_NOTES[k] for k in passes) + " (held in memory when it fits the budget)")
+    stats = s.method.statistics(s.params)
+    if stats:
+        lines.append(f"method {s.method.name} reads each tensor it merges once more per statistics pass ("
+                     + "; ".join(stats) + "); tensors whose inputs fit the budget are read once and held")
     return lines
-
-
-PASS_NOTES = {
-    "magnitude": "a top-k threshold per task vector",
-    "outliers": "two top-k thresholds per task vector",
-    "model_stock": "the task vectors' norms and angles",
-    "slerp": "the norms, then the angle of the two tensors",
-    "tsv": "one pass per task vector",
-    "iso_c": "one pass to gather the matrix",
-}
 
 
 # ---------------------------------------------------------------------------------- the run

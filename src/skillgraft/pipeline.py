@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .engine import MergeSettings, output_specs, run, unrelated_weights_check
+from .engine import MergeSettings, describe_plan, output_specs, plan_budget, run, unrelated_weights_check
 from .defaults import DEFAULT_SHARD_SIZE
 from .errors import SkillgraftError
 from .io.outdir import atomic_output_dir, check_output_dir, copy_side_files
@@ -136,6 +136,18 @@ def plan_only(recipe: Recipe, *, allow_unmatched: bool = False) -> Plan:
     """The validated plan for ``recipe`` (what ``--dry-run`` prints)."""
     with ExitStack() as stack:
         return prepare(recipe, stack, allow_unmatched=allow_unmatched).plan
+
+
+def memory_notes(recipe: Recipe, *, allow_unmatched: bool = False, max_memory: int | None = None) -> list[str]:
+    """How the merge will use memory (for ``--dry-run``): the budget, block size, matrices held whole
+    for an SVD, tensors read more than once. SkillgraftError if the budget cannot be met. No weight is read."""
+    with ExitStack() as stack:
+        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        budget = plan_budget(prep.plan, prep.settings, max_memory)
+        lines = describe_plan(prep.plan, prep.settings)
+    lines.insert(0, f"memory: at most {budget.max_memory / 2**30:.2f} GiB; row blocks of up to "
+                    f"{budget.block_entries:,} entries, {budget.ahead / 2**20:.0f} MiB read ahead")
+    return lines
 
 
 def recipe_with_absolute_paths(recipe: Recipe) -> Recipe:

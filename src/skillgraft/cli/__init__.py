@@ -12,6 +12,7 @@ import sys
 
 from ..version import __version__
 from ..errors import SkillgraftError
+from ..memory import tune_allocator
 from . import demo, evaluate, inject, methods, report, sweep, zoo
 from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser
 
@@ -34,6 +35,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `skillgraft` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "merges", False):
+        tune_allocator()  # process-wide allocator policy: the command line's choice, never a library call's
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args) or 0)

@@ -21,27 +21,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="merge method (default ta; `skillgraft methods` lists them)")
     p.add_argument("--scale", type=floats, help="lambda: weight of the expert's task vector (default 1.0); "
                    "a comma list is a per-layer schedule, e.g. 0,1,1,0.5")
-    p.add_argument("--density", type=float, help="fraction kept by dare/ties (default 1.0)")
+    p.add_argument("--density", type=floats, help="fraction kept by sparsifying methods (default 1.0); a comma list "
+                   "is a per-layer schedule like --scale")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per output shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--max-memory", metavar="SIZE", help="peak memory the merge stays under, e.g. 4GB (default: half "
+                   "the available memory, at most 1.25 GiB); refused up front if a tensor cannot be merged within it")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit without reading weights")
     p.add_argument("-o", "--out", help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, merges=True)
 
 
 def run(args: argparse.Namespace) -> int:
     # the API (and torch with it) is imported when the command runs, so `--help` stays fast
-    from ..api import inject, plan_only
+    from ..api import inject, memory_notes, plan_only
+    from ..memory import parse_size
     from ..report import plan_table
 
     recipe = recipe_from_args(args)
+    try:
+        max_memory = parse_size(args.max_memory, "memory size") if args.max_memory else None
+    except ValueError as e:
+        raise SkillgraftError(str(e)) from None
     if args.dry_run:
         plan = plan_only(recipe, allow_unmatched=args.allow_unmatched)
         for w in plan.warnings:
             warn(w)
         print(plan_table(plan))
+        print("\n".join(memory_notes(recipe, allow_unmatched=args.allow_unmatched, max_memory=max_memory)))
         return 0
     if not args.out:
         raise SkillgraftError("give an output directory with -o OUT")
@@ -54,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         allow_unmatched=args.allow_unmatched,
         on_warning=warn,
+        max_memory=max_memory,
     )
     c = result.report["counts"]
     print(

@@ -140,6 +140,12 @@ class Method:
             self._all_parts()[0])
         return text + (" + TALL mask" if self.mask is not None else "")
 
+    def statistics(self, params: dict[str, Any] | None = None) -> list[str]:
+        """The whole-tensor statistics it gathers in passes before merging (under ``params``; any when None)."""
+        parts = self._all_parts() if params is None else [self.parts(params)]
+        notes = [n for p in parts for n in (p.sparsifier.statistic(params), p.combiner.stats) if n]
+        return list(dict.fromkeys(notes))
+
     def whole_matrix(self, shape: tuple[int, ...], params: dict[str, Any] | None = None) -> bool:
         """True when a tensor of ``shape`` must be held whole (an SVD of the matrix)."""
         parts = self._all_parts() if params is None else [self.parts(params)]

@@ -206,6 +206,7 @@ class Combiner:
     needs_sign: bool = False
     whole_matrix: Callable[[tuple[int, ...]], bool] = lambda shape: False
     scalable: bool = True  # takes the global ``lambda``
+    stats: str = ""  # the whole-tensor statistic it gathers before merging, if any (for the plan and docs)
 
 
 class _Sum(_State):
@@ -297,7 +298,8 @@ class _ModelStock(_State):
         return (t * avg).reshape(xs[0].shape)
 
 
-MODEL_STOCK = Combiner("model_stock", "delta", (FILTER_WISE,), _ModelStock, scalable=False)
+MODEL_STOCK = Combiner("model_stock", "delta", (FILTER_WISE,), _ModelStock, scalable=False,
+                       stats="the task vectors' norms and pairwise dot products (per tensor unless filter_wise)")
 
 
 # ----------------------------------------------------------------------------------- interpolation
@@ -401,7 +403,7 @@ SLERP = Combiner(
                   "(linear interpolation)", low=0.0, high=1.0, per_layer=True),
         ParamSpec("eps", "float", 1e-8, "norms below this are treated as 1", low=0.0, per_layer=True),
     ),
-    _Slerp, scalable=False,
+    _Slerp, scalable=False, stats="the two tensors' norms, then their normalised dot product (two passes)",
 )
 
 

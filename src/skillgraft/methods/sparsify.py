@@ -153,6 +153,7 @@ class Sparsifier:
     random: bool = False
     needs_sample: bool = False  # a top-k threshold: brackets it with a sample of the vector
     words: bool = False  # a scalar keep probability: the 'uniform' sampler may use 32-bit words
+    stats: str = ""  # the whole-tensor statistic it gathers in a first pass, if any (for the plan and docs)
 
     def start(self, n: int, density: float, params: dict[str, Any], sample: Tensor | None = None) -> _Vector:
         """State for one task vector of ``n`` entries at ``density`` (``sample``: some of its values)."""
@@ -163,6 +164,14 @@ class Sparsifier:
     def draws(self, params: dict[str, Any]) -> str:
         """The kind of random stream it reads (see ``streams``): 32-bit ``words`` or ``floats``."""
         return "words" if self.words and params.get("sampler", "uniform") == "uniform" else "floats"
+
+    def statistic(self, params: dict[str, Any] | None) -> str:
+        """What it gathers in a statistics pass under ``params`` (any, when None), or ''."""
+        if self.random:
+            norm = None if params is None else norm_rescale(params)
+            return f"the {norm} norm of each dropped task vector (rescale: {norm})" if norm else (
+                "the norm of each dropped task vector when rescale is l1/l2/linf" if params is None else "")
+        return self.stats
 
     def row_local(self, params: dict[str, Any]) -> bool:
         """True when a kept entry depends on its own row only (no whole-tensor statistic)."""
@@ -195,8 +204,9 @@ def _della(n: int, density: float, params: dict, sample: Tensor | None) -> _Vect
 
 
 NONE = Sparsifier("none", (), lambda *a: _Vector())
-MAGNITUDE = Sparsifier("magnitude", (), _magnitude, needs_sample=True)
-OUTLIERS = Sparsifier("outliers", (GAMMA,), _outliers, needs_sample=True)
+MAGNITUDE = Sparsifier("magnitude", (), _magnitude, needs_sample=True, stats="a top-k threshold per task vector")
+OUTLIERS = Sparsifier("outliers", (GAMMA,), _outliers, needs_sample=True,
+                      stats="two top-k thresholds per task vector")
 DARE = Sparsifier("dare", (RESCALE, SAMPLER), _dare, random=True, words=True)
 DELLA = Sparsifier("della", (EPSILON, RESCALE, SAMPLER), _della, random=True)
 

@@ -138,6 +138,6 @@ TSV = Combiner(
         ParamSpec("rank", "int", None, "number of singular triplets kept per task (overrides fraction)", low=1,
                   optional=True),
     ),
-    _TSV, whole_matrix=_is_matrix,
+    _TSV, whole_matrix=_is_matrix, stats="each task vector's matrix and its SVD, one task vector per pass",
 )
-ISO_C = Combiner("iso_c", "delta", (), _IsoC, whole_matrix=_is_matrix)
+ISO_C = Combiner("iso_c", "delta", (), _IsoC, whole_matrix=_is_matrix, stats="the TA sum's matrix and its SVD")
