@@ -1,9 +1,10 @@
 """The floor: read every input tensor once and write one output of the same size, nothing else.
 
-Streams tensor by tensor with plain ``read``/``write`` calls (no mmap, so page-cache pages are not
-counted in its RSS): read the VLM's, the base's and the expert's bytes of each tensor into one
-reused buffer, write the VLM's to a single safetensors file whose header is written first. Its wall
-time is what any streaming merge must pay for I/O; its peak RSS is the interpreter plus one buffer.
+Streams tensor by tensor, in 64 MiB pieces, with plain ``read``/``write`` calls (no mmap, so
+page-cache pages are not counted in its RSS): for each tensor of the first checkpoint (the VLM), its
+bytes in the other checkpoints (base, expert) where they hold it, then its own, whose bytes go to a
+single safetensors file whose header is written first. Its wall time is what any streaming merge
+must pay for I/O.
 
     python bench/floor.py OUT_FILE VLM_DIR BASE_DIR EXPERT_DIR
 """
@@ -14,6 +15,8 @@ import json
 import struct
 import sys
 from pathlib import Path
+
+PIECE = 64 * 2**20
 
 
 def read_header(f: Path) -> tuple[int, dict]:
@@ -48,20 +51,25 @@ def main(out: str, *dirs: str) -> None:
         offset += length
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    largest = max(v[2] for m in idx for v in m.values())
-    buf = bytearray(largest)
+    buf = bytearray(PIECE)
     view = memoryview(buf)
-    handles = {}
+    handles: dict[Path, object] = {}
     with open(out, "wb") as fh:
         fh.write(struct.pack("<Q", len(hb)))
         fh.write(hb)
         for n in names:
-            for i, m in enumerate(reversed(idx)):  # the VLM's last, so its bytes are in buf
+            for m in reversed(idx):  # the VLM's last, so its pieces are the ones written
+                if n not in m:
+                    continue
                 f, start, length, _ = m[n]
                 h = handles.get(f) or handles.setdefault(f, open(f, "rb"))
                 h.seek(start)
-                h.readinto(view[:length])
-            fh.write(view[: idx[0][n][2]])
+                done = 0
+                while done < length:
+                    k = h.readinto(view[: min(PIECE, length - done)])
+                    if m is idx[0]:
+                        fh.write(view[:k])
+                    done += k
     for h in handles.values():
         h.close()
 

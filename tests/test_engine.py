@@ -281,7 +281,7 @@ def test_merge_entry_large_tensor_formula_and_sampled_statistics(mode, method):
 # ------------------------------------------------------------------------------- streaming and memory
 
 
-def _run_with(recipe, out, budget=None, max_memory=None):
+def _run_with(recipe, out, budget=None, max_memory=None, workers=1):
     """``inject`` through ``engine.run`` with an explicit budget (block size, read-ahead, hold limit)."""
     from contextlib import ExitStack
 
@@ -293,7 +293,8 @@ def _run_with(recipe, out, budget=None, max_memory=None):
     with ExitStack() as stack:
         prep = prepare(recipe, stack)
         writer = ShardedWriter(out, engine.output_specs(prep.plan, recipe.dtype), 10**9)
-        stats = engine.run(prep.plan, prep.settings, writer, progress=False, budget=budget, max_memory=max_memory)
+        stats = engine.run(prep.plan, prep.settings, writer, progress=False, budget=budget, max_memory=max_memory,
+                           workers=workers)
         writer.finish()
     return stats
 
@@ -306,22 +307,30 @@ def bitid(tmp_path_factory):
     return {name: build_fixture(root / name, **FIXTURES[name]) for name in ("small", "large")}
 
 
-@pytest.mark.parametrize("case", ["large_ties", "large_dare_ties", "large_della", "large_breadcrumbs_ties_symmetric",
-                                  "large_dare", "large_consensus", "ties_two_normalize", "dare_ties_symmetric",
-                                  "della", "consensus_ties_symmetric"])
-def test_output_bits_do_not_depend_on_the_memory_budget(bitid, tmp_path, case):
+STREAMED = ["large_ties", "large_dare_ties", "large_della", "large_breadcrumbs_ties_symmetric", "large_dare",
+            "large_consensus", "ties_two_normalize", "dare_ties_symmetric", "della", "consensus_ties_symmetric",
+            "slerp", "model_stock", "dare_l1"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("case", STREAMED)
+def test_output_bits_do_not_depend_on_the_memory_budget_or_workers(bitid, tmp_path, case, workers):
     """Tiny row blocks, no holding between passes (every pass re-reads the files, thresholds from sampled
-    rows), a small read-ahead: the bits recorded on the whole-tensor engine, unchanged."""
+    rows), a small read-ahead, one or two merge workers: the bits recorded on the whole-tensor engine."""
     from test_bit_identity import CASES, DATA, _recipe, weights_digest
 
     from skillgraft.engine import Budget
 
     fixture, fields = CASES[case]
-    budget = Budget(max_memory=0, block_entries=50_000, ahead=300_000, hold=0, band_cap=20_000)
+    # the small fixture's tensors hold 64..1536 entries: 300-entry blocks still split them
+    block = 50_000 if fixture == "large" else 300
+    budget = Budget(max_memory=0, block_entries=block, ahead=300_000, hold=0, band_cap=20_000)
+    if case in ("slerp", "model_stock", "dare_l1"):  # whole-tensor float reductions: one block per tensor
+        budget = Budget(max_memory=0, ahead=300_000, hold=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the recorded hashes were
     try:
-        _run_with(_recipe(bitid[fixture], fields), tmp_path / "o", budget=budget)
+        _run_with(_recipe(bitid[fixture], fields), tmp_path / "o", budget=budget, workers=workers)
     finally:
         torch.set_num_threads(threads)
     assert weights_digest(tmp_path / "o") == json.loads(DATA.read_text())[case]

@@ -291,13 +291,15 @@ def _every(t: torch.Tensor, k: int, start: int) -> torch.Tensor:
     return t if k == 1 else t[(-start) % k :: k]
 
 
-def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.device) -> list[torch.Tensor]:
-    """float32 copies the merge may overwrite: ``tau_k`` (delta methods) or ``theta`` (interpolations)."""
+def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.device
+              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """float32 copies the merge may overwrite: ``tau_k`` (delta methods) or ``theta`` (interpolations);
+    and theta_B in float32 when it was needed (None otherwise)."""
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, torch.float32, copy=True)
 
     if s.method.kind == "interp":
-        return [f32(inp.vlm)] + [f32(x) for x in inp.experts]
+        return [f32(inp.vlm)] + [f32(x) for x in inp.experts], None
     symmetric = s.mode == "symmetric"
     sources = ([(inp.vlm, False)] if symmetric else []) + list(zip(inp.experts, deltas))
     base = None
@@ -311,7 +313,9 @@ def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.d
                 base = inp.base.to(device, torch.float32)
             t.sub_(base)
         out.append(t)
-    return out
+    if symmetric and base is None:
+        base = inp.base.to(device, torch.float32)
+    return out, base
 
 
 class _Randoms:
@@ -361,7 +365,7 @@ def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: sli
                  device: torch.device) -> tuple[torch.Tensor, Norms]:
     """One block of the apply pass: the merged float32 rows and their norm statistics."""
     k, start = stats_stride(job.entry), blk.start
-    xs = _operands(inp, s, job.deltas, device)
+    xs, base = _operands(inp, s, job.deltas, device)
     part = Norms()
     kind, symmetric = s.method.kind, s.mode == "symmetric"
     if kind == "interp":
@@ -369,7 +373,6 @@ def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: sli
     else:
         sq = [_sq(_every(t, k, start)) for t in xs]
         part.deltas = sq[1:] if symmetric else sq
-        base = inp.base.to(device, torch.float32) if inp.base is not None else None
         if base is not None:
             part.base = _sq(_every(base, k, start))
     delta = job.kernel.apply(xs, streams, blk)
@@ -398,9 +401,22 @@ def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write) -> None:
         write(take(job.read(blk, ("vlm",))).vlm.to(job.out_dtype))
 
 
+def _apply_and_check(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice, device: torch.device,
+                     where: Callable[[str, int], str]) -> tuple[torch.Tensor, Norms]:
+    merged, part = _apply_block(job, inp, s, streams, blk, device)
+    _check_finite(job, inp, merged, where)
+    return merged.to(job.out_dtype), part
+
+
 def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, device: torch.device, write: Write,
-                where: Callable[[str, int], str] = lambda role, j: role) -> Norms:
-    """Merge one tensor: sample, statistics passes, apply pass, VLM-only rows; blocks to ``write``."""
+                where: Callable[[str, int], str] = lambda role, j: role,
+                pool: ThreadPoolExecutor | None = None, workers: int = 1) -> Norms:
+    """Merge one tensor: sample, statistics passes, apply pass, VLM-only rows; blocks to ``write``.
+
+    With a ``pool`` of ``workers`` threads that many blocks are measured or merged at once when no
+    block depends on the one before (one block per random block; in the apply pass, no top-k ties
+    carried across blocks); statistics are absorbed and blocks written in order either way.
+    """
     k = job.kernel
     get = take
     if job.hold:
@@ -412,22 +428,39 @@ def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, devi
             inp = mem.gather(sample_positions(job.rows * job.row_len), job.roles_op)
         else:
             inp = take(job.read(job.sample, job.roles_op))
-        k.take_sample([x.reshape(-1) for x in _operands(inp, s, job.deltas, device)])
-    p = 0
-    while k.pending(p):
+        k.take_sample([x.reshape(-1) for x in _operands(inp, s, job.deltas, device)[0]])
+    one_per_random = len(job.work) == len(job.random_blocks)
+    parallel = pool is not None and workers > 1 and (one_per_random or not k.random)
+    pending: deque[Future[Any]] = deque()
+
+    def blocks(roles: tuple[str, ...], work: Callable[..., Any], done: Callable[[Any], None]) -> None:
+        """``work(inputs, streams, rows)`` for every block, ``done`` on the results in block order."""
         randoms = _Randoms(job, s.seed)
         for blk, i in job.work:
-            k.observe(p, _operands(get(job.read(blk, job.roles_op)), s, job.deltas, device), randoms.get(i), blk)
+            args = (get(job.read(blk, roles)), randoms.get(i), blk)
+            if parallel:
+                pending.append(pool.submit(work, *args))
+                while len(pending) >= workers:
+                    done(pending.popleft().result())
+            else:
+                done(work(*args))
+        while pending:
+            done(pending.popleft().result())
+
+    p = 0
+    while k.pending(p):
+        blocks(job.roles_op, lambda inp, streams, blk, p=p: k.measure(
+            p, _operands(inp, s, job.deltas, device)[0], streams, blk), lambda part, p=p: k.absorb(p, part))
         k.finish(p)
         p += 1
     norms = Norms()
-    randoms = _Randoms(job, s.seed)
-    for blk, i in job.work:
-        inp = get(job.read(blk, job.roles_apply))
-        merged, part = _apply_block(job, inp, s, randoms.get(i), blk, device)
-        _check_finite(job, inp, merged, where)
-        norms.add(part)
-        write(merged.to(job.out_dtype))
+    parallel = parallel and k.order_free
+
+    def done(result: tuple[torch.Tensor, Norms]) -> None:
+        norms.add(result[1])
+        write(result[0])
+
+    blocks(job.roles_apply, lambda inp, streams, blk: _apply_and_check(job, inp, s, streams, blk, device, where), done)
     for blk in job.tail:
         write(get(job.read(blk, ("vlm",))).vlm.to(job.out_dtype))
     return norms
@@ -475,9 +508,9 @@ def _itemsize(plan: Plan, roles: tuple[str, ...], e: Entry) -> int:
     return n
 
 
-def plan_budget(plan: Plan, s: MergeSettings, max_memory: int | None = None) -> Budget:
+def plan_budget(plan: Plan, s: MergeSettings, max_memory: int | None = None, workers: int = 1) -> Budget:
     """Block size, read-ahead and hold limit that keep the run under ``max_memory`` (default: sized to
-    the machine); SkillgraftError up front when it cannot be met."""
+    the machine) with ``workers`` blocks merged at once; SkillgraftError up front when it cannot be met."""
     total = max_memory if max_memory is not None else default_max_memory()
     base_rss = rss_bytes()
     avail = total - base_rss - 64 * 2**20  # interpreter objects, allocator slack
@@ -488,13 +521,13 @@ def plan_budget(plan: Plan, s: MergeSettings, max_memory: int | None = None) -> 
     # per block entry: float32 operands, thinned copies and election temporaries; inputs now and next; output queued
     per_entry = 4 * (2 * n_ops + 6) + 2 * in_item + 2 * out_item
     widest = max([math.prod(e.shape[1:]) for e in plan.entries if e.shape] or [1])
-    need = widest * per_entry
+    need = widest * per_entry * workers
     if avail < need:
         raise SkillgraftError(
             f"max_memory {_gb(total)} is too small: this process already uses {_gb(base_rss)} and one row block of "
             f"the widest tensor needs {_gb(need)} more; allow at least {_gb(base_rss + need + 64 * 2**20)}")
-    block = max(1, min(RANDOM_BLOCK, (avail // 3) // per_entry))
-    block_bytes = block * per_entry
+    block = max(1, min(RANDOM_BLOCK, (avail // 2) // (per_entry * workers)))
+    block_bytes = block * per_entry * workers
     ahead = max(block * in_item, min(512 * 2**20, (avail - block_bytes) // 4))
     rest = avail - block_bytes - ahead
     topks = n_ops * (2 if s.method.uses_density else 0)
@@ -646,15 +679,18 @@ def run(
     progress: bool = True,
     max_memory: int | None = None,
     budget: Budget | None = None,
+    workers: int = 1,
 ) -> RunStats:
     """Stream every plan entry through the merge into ``writer``; returns per-tensor statistics.
 
     ``max_memory``: the peak resident memory the run stays under (default: sized to the machine);
-    ``budget`` sets block size, read-ahead and hold limit directly instead. Changes no process-wide
-    setting (allocator, threads).
+    ``budget`` sets block size, read-ahead and hold limit directly instead. ``workers``: blocks merged
+    at once, each in its own thread (the torch ops inside use torch's intra-op threads: with several
+    workers, one intra-op thread each is best). Changes no process-wide setting (allocator, threads).
     """
     dev = torch.device(device)
-    budget = budget if budget is not None else plan_budget(plan, settings, max_memory)
+    workers = max(1, int(workers))
+    budget = budget if budget is not None else plan_budget(plan, settings, max_memory, workers)
     jobs = plan_jobs(plan, settings, budget)
     start = time.perf_counter()
     per_tensor: dict[str, dict[str, Any]] = {}
@@ -663,7 +699,7 @@ def run(
     source = FileSource(plan)
     with ThreadPoolExecutor(1, thread_name_prefix="sg-read") as readers, ThreadPoolExecutor(
         1, thread_name_prefix="sg-write"
-    ) as writers:
+    ) as writers, ThreadPoolExecutor(workers, thread_name_prefix="sg-merge") as mergers:
         foreseen: Iterator[Read] = chain.from_iterable(j.requests() for j in jobs)
         feed = Feed(source, plan.entries, foreseen, budget.ahead, readers)
         behind = _Behind(writer, writers, max(2 * budget.block_entries * 4, 64 * 2**20), bar)
@@ -680,7 +716,7 @@ def run(
                     norms = Norms(deltas=[0.0] * len(labels)) if e.action == "merge" else None
                 else:
                     norms = merge_entry(job, feed.take, settings, dev, write,
-                                        lambda role, j, e=e: source.path_of(e, role, j))
+                                        lambda role, j, e=e: source.path_of(e, role, j), mergers, workers)
                 if e.action == "merge":
                     info.update(
                         lm_name=e.lm_name,

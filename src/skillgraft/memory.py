@@ -5,8 +5,9 @@ row blocks, its read-ahead and what it may hold between passes to stay under it,
 front, saying why, when a tensor cannot be merged within it. The default is sized to the machine:
 half of the memory available when the run starts, at most ``DEFAULT_CAP``.
 
-``tune_allocator`` is process-wide and only the command-line entry point calls it: a library caller
-keeps their allocator as it is (the budget holds either way; see BENCHMARKS.md).
+``merge_process_policy`` (allocator and torch threads) is process-wide and only the command-line
+entry point calls it: a library caller keeps their allocator and thread count as they are (the
+budget holds either way; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from collections.abc import Callable
 
 GiB = 2**30
 DEFAULT_CAP = int(1.25 * GiB)
@@ -95,3 +97,20 @@ def tune_allocator() -> bool:
     libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_LIMIT)
     libc.mallopt(_M_ARENA_MAX, 1)
     return True
+
+
+def merge_process_policy() -> tuple[int, Callable[[], None]]:
+    """The command line's process-wide settings for a merge: (merge workers, a function restoring
+    the thread count).
+
+    The allocator policy above, and one torch intra-op thread with one merge worker per core: row
+    blocks are merged side by side in threads instead of each op being split across cores (on a
+    busy machine OpenMP's barriers make split ops several times slower; measured in BENCHMARKS.md).
+    """
+    import torch
+
+    tune_allocator()
+    before = torch.get_num_threads()
+    workers = max(1, min(os.cpu_count() or 1, before))
+    torch.set_num_threads(1)
+    return workers, lambda: torch.set_num_threads(before)

@@ -189,10 +189,12 @@ def inject(
     allow_unmatched: bool = False,
     on_warning: Any = None,
     max_memory: int | None = None,
+    workers: int = 1,
 ) -> InjectResult:
     """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically.
 
-    ``max_memory``: peak resident bytes the merge stays under (default: sized to the machine).
+    ``max_memory``: peak resident bytes the merge stays under (default: sized to the machine);
+    ``workers``: row blocks merged at once (see ``engine.run``).
     """
     out = Path(out)
     check_device(device)
@@ -207,7 +209,8 @@ def inject(
         start = time.perf_counter()
         with atomic_output_dir(out, force) as tmp:
             writer = ShardedWriter(tmp, output_specs(prep.plan, recipe.dtype), max_shard)
-            stats = run(prep.plan, prep.settings, writer, device=device, progress=progress, max_memory=max_memory)
+            stats = run(prep.plan, prep.settings, writer, device=device, progress=progress, max_memory=max_memory,
+                        workers=workers)
             files = writer.finish()
             side = copy_side_files(prep.paths["vlm"], tmp)
             _update_config_dtype(tmp, recipe.dtype)

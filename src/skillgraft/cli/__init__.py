@@ -12,7 +12,7 @@ import sys
 
 from ..version import __version__
 from ..errors import SkillgraftError
-from ..memory import tune_allocator
+from ..memory import merge_process_policy
 from . import demo, evaluate, inject, methods, report, sweep, zoo
 from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser
 
@@ -35,8 +35,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `skillgraft` console script."""
     args = build_parser().parse_args(argv)
+    restore = None
     if getattr(args, "merges", False):
-        tune_allocator()  # process-wide allocator policy: the command line's choice, never a library call's
+        # process-wide allocator and thread policy: the command line's choice, never a library call's
+        args.workers, restore = merge_process_policy()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args) or 0)
@@ -51,3 +53,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if restore is not None:
+            restore()

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         allow_unmatched=args.allow_unmatched,
         on_warning=warn,
         max_memory=max_memory,
+        workers=getattr(args, "workers", 1),
     )
     c = result.report["counts"]
     print(

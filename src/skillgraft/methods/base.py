@@ -16,7 +16,8 @@ merges whole tensors (``densities`` are ignored by interpolations). The engine i
 
 1. ``needs_sample``: a sample of the operands to bracket top-k thresholds (``take_sample``);
 2. statistics passes ``p = 0, 1, ...`` while ``pending(p)``: ``observe(p, xs, streams, at)`` for
-   every block in order, then ``finish(p)``;
+   every block in order (or ``measure`` blocks side by side and ``absorb`` them in order), then
+   ``finish(p)``;
 3. the apply pass: ``apply(xs, streams, at)`` per block, in order.
 
 ``xs`` are float32 blocks the merge may overwrite, ``at`` the block's row range, ``streams`` the
@@ -266,6 +267,11 @@ class TensorMerge:
         return max([self.combine.passes] + [v.passes for v in self.vectors] +
                    [1 if self.needs_sample else 0])
 
+    @property
+    def order_free(self) -> bool:
+        """True when apply-pass blocks may be merged in any order (no top-k ties carried from block to block)."""
+        return all(getattr(v, "order_free", True) for v in self.vectors)
+
     def take_sample(self, samples: list[Tensor] | None) -> None:
         """Start every task vector's state, with a sample of its values when a threshold needs one."""
         sp = self.parts.sparsifier
@@ -287,12 +293,24 @@ class TensorMerge:
         """True while statistics pass ``p`` is needed."""
         return p < self.combine.passes or any(self.active)
 
-    def observe(self, p: int, xs: list[Tensor], streams: BlockStreams | None, at: slice) -> None:
+    def measure(self, p: int, xs: list[Tensor], streams: BlockStreams | None, at: slice) -> Any:
+        """What one block adds to the statistics of pass ``p``; changes no state (blocks may be measured
+        side by side, each with its own random block's streams)."""
+        comb = self.combine.measure(p, xs, at) if p < self.combine.passes else None
+        return comb, [v.measure(x, self._keep(j, streams, x.device)) if self.active[j] else None
+                      for j, (v, x) in enumerate(zip(self.vectors, xs))]
+
+    def absorb(self, p: int, part: Any) -> None:
+        """Add a block's ``measure`` to the statistics; blocks in order."""
+        comb, vecs = part
         if p < self.combine.passes:
-            self.combine.observe(p, xs, at)
-        for j, (v, x) in enumerate(zip(self.vectors, xs)):
+            self.combine.absorb(p, comb)
+        for j, v in enumerate(self.vectors):
             if self.active[j]:
-                v.observe(x, self._keep(j, streams, x.device))
+                v.absorb(vecs[j])
+
+    def observe(self, p: int, xs: list[Tensor], streams: BlockStreams | None, at: slice) -> None:
+        self.absorb(p, self.measure(p, xs, streams, at))
 
     def finish(self, p: int) -> None:
         if p < self.combine.passes:

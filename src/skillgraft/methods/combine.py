@@ -12,8 +12,9 @@
 - mask ``TALL`` (consensus merging, Wang et al. 2024): keep the entries that at least ``k`` tasks'
   TALL masks select.
 
-A combiner's per-tensor state has ``passes`` statistics passes (``observe(p, xs, at)``,
-``finish(p)``) before ``apply(xs, at)`` merges a block; ``at`` is the block's row range.
+A combiner's per-tensor state has ``passes`` statistics passes (``measure(p, xs, at)`` per block,
+thread-safe; ``absorb(p, part)`` in block order; ``finish(p)``) before ``apply(xs, at)`` merges a
+block; ``at`` is the block's row range.
 """
 
 from __future__ import annotations
@@ -181,7 +182,10 @@ class _State:
 
     passes = 0
 
-    def observe(self, p: int, xs: list[Tensor], at: slice) -> None:
+    def measure(self, p: int, xs: list[Tensor], at: slice) -> Any:
+        return None
+
+    def absorb(self, p: int, part: Any) -> None:
         pass
 
     def finish(self, p: int) -> None:
@@ -273,8 +277,11 @@ class _ModelStock(_State):
         dots = {(i, j): (flat[i] * flat[j]).sum(dim=-1) for i in range(n) for j in range(i + 1, n)}
         return norms, dots
 
-    def observe(self, p: int, xs: list[Tensor], at: slice) -> None:
-        norms, dots = self._parts([self._flat(x) for x in xs])
+    def measure(self, p: int, xs: list[Tensor], at: slice) -> Any:
+        return self._parts([self._flat(x) for x in xs])
+
+    def absorb(self, p: int, part: Any) -> None:
+        norms, dots = part
         if not self.norms:
             self.norms = [Total("l2") for _ in norms]
             self.dots = {k: Total("sum") for k in dots}
@@ -363,13 +370,15 @@ class _Slerp(_State):
         dtype = _work_dtype(xs[0])
         return xs[0].reshape(1, -1).to(dtype), xs[1].reshape(1, -1).to(dtype)
 
-    def observe(self, p: int, xs: list[Tensor], at: slice) -> None:
+    def measure(self, p: int, xs: list[Tensor], at: slice) -> Any:
         a, b = self._rows(xs)
         if p == 0:
-            self.tot[0].add(torch.linalg.vector_norm(a, dim=1, keepdim=True))
-            self.tot[1].add(torch.linalg.vector_norm(b, dim=1, keepdim=True))
-        else:
-            self.tot[2].add(((a / self.na) * (b / self.nb)).sum(dim=1, keepdim=True))
+            return torch.linalg.vector_norm(a, dim=1, keepdim=True), torch.linalg.vector_norm(b, dim=1, keepdim=True)
+        return (((a / self.na) * (b / self.nb)).sum(dim=1, keepdim=True),)
+
+    def absorb(self, p: int, part: Any) -> None:
+        for tot, v in zip(self.tot[:2] if p == 0 else self.tot[2:], part):
+            tot.add(v)
 
     def finish(self, p: int) -> None:
         if p == 0:

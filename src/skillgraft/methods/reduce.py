@@ -52,8 +52,9 @@ def block_norm(x: Tensor, norm: str) -> Tensor:
 class NormMatch:
     """Rescale a thinned tensor so its norm matches the original's (mergekit 0.1.5's ``rescale``).
 
-    Statistics pass: ``observe(original, thinned)`` per block. Apply: ``apply(thinned)`` multiplies
-    by ``norm(original) / norm(thinned)`` (left alone when either norm is below ``eps``).
+    Statistics pass: ``measure(original, thinned)`` per block, ``absorb`` in order. Apply:
+    ``apply(thinned)`` multiplies by ``norm(original) / norm(thinned)`` (left alone when either norm
+    is below ``eps``).
     """
 
     def __init__(self, norm: str, eps: float = 1e-7):
@@ -64,11 +65,16 @@ class NormMatch:
         self.factor: Tensor | None = None
         self.empty = True
 
-    def observe(self, original: Tensor, thinned: Tensor) -> None:
-        if original.numel():
+    def measure(self, original: Tensor, thinned: Tensor) -> tuple[Tensor, Tensor] | None:
+        if not original.numel():
+            return None
+        return block_norm(original, self.norm), block_norm(thinned, self.norm)
+
+    def absorb(self, part: tuple[Tensor, Tensor] | None) -> None:
+        if part is not None:
             self.empty = False
-            self.before.add(block_norm(original, self.norm))
-            self.after.add(block_norm(thinned, self.norm))
+            self.before.add(part[0])
+            self.after.add(part[1])
 
     def finish(self) -> None:
         if self.empty:

@@ -4,7 +4,8 @@ A ``Sparsifier`` is data (its name, parameters, whether it draws random numbers)
 the state for one task vector of one tensor, which the engine drives block by block:
 
 - ``passes``: statistics passes it needs before the apply pass (0, or 1 for a whole-tensor
-  statistic: a top-k threshold, a norm), ``observe``/``finish`` per pass; ``refine`` asks for more;
+  statistic: a top-k threshold, a norm): ``measure`` each block (thread-safe), ``absorb`` the
+  results in block order, ``finish`` the pass; ``refine`` asks for more;
 - ``apply(x, keep)``: the thinned block (a new tensor, or ``x`` itself when nothing is dropped);
   ``keep(shape, p)`` draws the vector's next keep-mask from the random streams.
 
@@ -71,7 +72,10 @@ class _Vector:
     passes = 0
     refine = False
 
-    def observe(self, x: Tensor, keep: Keep) -> None:
+    def measure(self, x: Tensor, keep: Keep) -> Any:
+        return None
+
+    def absorb(self, part: Any) -> None:
         pass
 
     def finish(self) -> None:
@@ -94,10 +98,18 @@ class _Trimmed(_Vector):
     def refine(self) -> bool:
         return any(t.refine for t in self.tops)
 
-    def observe(self, x: Tensor, keep: Keep) -> None:
+    @property
+    def order_free(self) -> bool:
+        """True once the thresholds are known and no entry equal to one is decided by its position."""
+        return all(t.simple for t in self.tops)
+
+    def measure(self, x: Tensor, keep: Keep) -> Any:
         a = x.abs()
-        for t in self.tops:
-            t.observe(a)
+        return [t.measure(a) for t in self.tops]
+
+    def absorb(self, part: Any) -> None:
+        for t, p in zip(self.tops, part):
+            t.absorb(p)
 
     def finish(self) -> None:
         for t in self.tops:
@@ -127,8 +139,11 @@ class _Dropped(_Vector):
         p = self.prob(x)
         return x * keep(tuple(x.shape), p), p
 
-    def observe(self, x: Tensor, keep: Keep) -> None:
-        self.match.observe(x, self._thin(x, keep)[0])
+    def measure(self, x: Tensor, keep: Keep) -> Any:
+        return self.match.measure(x, self._thin(x, keep)[0])
+
+    def absorb(self, part: Any) -> None:
+        self.match.absorb(part)
 
     def finish(self) -> None:
         self.match.finish()
@@ -256,7 +271,7 @@ def _one_pass_mask(s: Sparsifier, delta: Tensor, density: float, params: dict) -
     state = s.start(delta.numel(), density, params, sample_of(delta))
     a = delta.abs()
     while True:
-        state.observe(delta, None)
+        state.absorb(state.measure(delta, None))
         state.finish()
         if not state.refine:
             break

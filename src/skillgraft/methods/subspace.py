@@ -41,7 +41,8 @@ class _Matrix(_State):
         self.work: Tensor | None = None
         self.out: Tensor | None = None
 
-    def _gather(self, block: Tensor, at: slice) -> None:
+    def absorb(self, p: int, part: tuple[Tensor, slice]) -> None:
+        block, at = part
         if self.work is None:
             self.work = torch.empty(self.shape, dtype=block.dtype, device=block.device)
         self.work[at] = block
@@ -85,8 +86,8 @@ class _TSV(_Matrix):
                 f = (1.0 / n_tasks) if params["fraction"] is None else float(params["fraction"])
                 self.k = max(1, min(r, int(f * r)))
 
-    def observe(self, p: int, xs: list[Tensor], at: slice) -> None:
-        self._gather(xs[p] * self.weights[p], at)
+    def measure(self, p: int, xs: list[Tensor], at: slice) -> tuple[Tensor, slice]:
+        return xs[p] * self.weights[p], at
 
     def finish(self, p: int) -> None:
         u, s, vh, out_dtype = self._svd_of_work()
@@ -119,8 +120,8 @@ class _IsoC(_Matrix):
         super().__init__(shape, weights, params)
         self.passes = 1 if self.matrix else 0
 
-    def observe(self, p: int, xs: list[Tensor], at: slice) -> None:
-        self._gather(weighted_sum(xs, self.weights, out=xs[0]), at)
+    def measure(self, p: int, xs: list[Tensor], at: slice) -> tuple[Tensor, slice]:
+        return weighted_sum(xs, self.weights, out=xs[0]), at
 
     def finish(self, p: int) -> None:
         u, s, vh, out_dtype = self._svd_of_work()

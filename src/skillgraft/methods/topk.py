@@ -15,6 +15,7 @@ the chosen bin. Without a sample (tensors of at most ``EXACT_BELOW`` entries) ev
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -52,8 +53,9 @@ def bracket(sample: Tensor, n: int, k: int) -> tuple[Tensor | None, Tensor | Non
 class TopK:
     """Exact streamed selection of the ``k`` largest of ``n`` magnitudes (see the module docstring).
 
-    Use: ``observe`` the ``|x|`` of every block in order, ``finish``; while ``refine`` is true,
-    ``observe``/``finish`` the blocks again; then ``mask`` the blocks in order.
+    Use: ``observe`` the ``|x|`` of every block in order (or ``measure`` blocks in any order and
+    ``absorb`` the results in order), ``finish``; while ``refine`` is true, again; then ``mask`` the
+    blocks in order.
     """
 
     def __init__(self, n: int, k: int, sample: Tensor | None = None, band_cap: int | None = None):
@@ -82,16 +84,20 @@ class TopK:
         self.band_n = 0
         self.hist: Tensor | None = None
 
-    def observe(self, a: Tensor) -> None:
-        """Statistics of the next block's magnitudes (any shape; read in flat order)."""
+    def measure(self, a: Tensor) -> Any:
+        """What one block's magnitudes (any shape, read in flat order) add to the statistics; no state
+        is changed, so blocks may be measured side by side and ``absorb`` ed in order."""
         if not self.needs_pass:
-            return
+            return None
         a = a.reshape(-1)
         if self._stage != "band":
-            self._observe_radix(a)
-            return
+            bits = a.float().contiguous().view(torch.int32)
+            if self._stage == "high":
+                return torch.bincount((bits >> 15).reshape(-1), minlength=_HIGH)
+            return torch.bincount(bits[(bits >> 15) == self._bin] & (_LOW - 1), minlength=_LOW)
+        c_hi = 0
         if self.hi is not None:
-            self.c_hi += int(torch.count_nonzero(a > self.hi))
+            c_hi = int(torch.count_nonzero(a > self.hi))
             keep = a <= self.hi
             if self.lo is not None:
                 keep &= a >= self.lo
@@ -100,12 +106,26 @@ class TopK:
             band = a[a >= self.lo]
         else:
             band = a.clone()
+        return c_hi, band
+
+    def absorb(self, part: Any) -> None:
+        if part is None:
+            return
+        if self._stage != "band":
+            self.hist = part if self.hist is None else self.hist + part
+            return
+        c_hi, band = part
+        self.c_hi += c_hi
         if self.band_n + band.numel() > self.band_cap:
             self.band_n = self.band_cap + 1  # give up gathering; the radix passes will decide
             self.band = []
-            return
-        self.band.append(band)
-        self.band_n += band.numel()
+        elif self.band_n <= self.band_cap:
+            self.band.append(band)
+            self.band_n += band.numel()
+
+    def observe(self, a: Tensor) -> None:
+        """Statistics of the next block's magnitudes (``measure`` then ``absorb``)."""
+        self.absorb(self.measure(a))
 
     def finish(self) -> None:
         """End of a statistics pass: the threshold, or ``refine`` set for another pass."""
@@ -134,15 +154,6 @@ class TopK:
         n_gt = self.c_hi + int(torch.count_nonzero(cand > thr))
         n_eq = int(torch.count_nonzero(cand == thr))
         return thr, n_gt, n_eq
-
-    def _observe_radix(self, a: Tensor) -> None:
-        bits = a.float().contiguous().view(torch.int32)
-        if self._stage == "high":
-            counts = torch.bincount((bits >> 15).reshape(-1), minlength=_HIGH)
-        else:
-            inside = bits[(bits >> 15) == self._bin]
-            counts = torch.bincount(inside & (_LOW - 1), minlength=_LOW)
-        self.hist = counts if self.hist is None else self.hist + counts
 
     def _pick(self, above: int) -> tuple[int, int]:
         """(bin holding the k-th largest, entries above that bin), counting down from the top."""
