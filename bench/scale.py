@@ -4,7 +4,8 @@ For each size a synthetic triple is built once (``bench/make_synthetic.py``) und
 each run is a child process measured with ``os.wait4`` (wall seconds, user + system CPU seconds,
 peak RSS):
 
-- ``floor``: ``bench/floor.py``, read every input once and write one output of the same size;
+- ``floor``: ``bench/floor.py``, read every input once and write one output of the same size, with
+  buffered I/O (``read``/``write`` through the page cache) and with direct I/O (``--direct``);
 - ``skillgraft``: ``skillgraft inject`` with default settings, in mergekit's semantics (``mode:
   symmetric``, the VLM's language model as one more task vector; expert weight 0.8, density 0.5 for
   TIES and DARE-TIES, TIES ``normalize: true``);
@@ -145,9 +146,10 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
                   f"{r['peak_rss_gib']:6.2f} GiB  (load {load:.1f}, {r['cache']})" + ("" if r["ok"] else "  FAILED"),
                   flush=True)
 
-    def floor(inputs: list[Path]) -> None:
-        record("floor", "read+write", [sys.executable, str(ROOT / "bench" / "floor.py"), str(out),
-                                       *map(str, inputs)], inputs)
+    def floor(inputs: list[Path], target: str) -> None:
+        for mode, flag in (("buffered", []), ("direct", ["--direct"])):
+            record(f"floor ({target})", mode, [sys.executable, str(ROOT / "bench" / "floor.py"), *flag, str(out),
+                                               *map(str, inputs)], inputs)
 
     def skillgraft(tool: str, method: str, vlm: Path, mode: str) -> None:
         recipe = work / f"{size}-{method}.yaml"
@@ -155,7 +157,7 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
         record(tool, method, [sys.executable, "-m", "skillgraft", "inject", "--recipe", str(recipe), "-o", str(out),
                               "--force", "-q"], [vlm, d / "base", d / "expert"])
 
-    floor(llm)
+    floor(llm, "LLM")
     for method in args.methods.split(","):
         skillgraft("skillgraft", method, vlm_llm, "symmetric")
         if mk and method in args.mergekit_methods.get(size, args.methods).split(","):
@@ -164,46 +166,40 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
             record("mergekit", method, [mk, str(cfg), str(out), "--no-copy-tokenizer", "--random-seed", "0", "--quiet",
                                         "--no-write-model-card"], llm)
     if has_vl:
-        floor([d / "vlm", d / "base", d / "expert"])
+        floor([d / "vlm", d / "base", d / "expert"], "VLM")
         for method in args.methods.split(","):
             skillgraft("skillgraft (VLM)", method, d / "vlm", "inject")
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per size and method, each tool's wall s (CPU s) and peak RSS; ratios to mergekit and the floor."""
+    """Markdown: per size and method, each tool's wall s (CPU s) and peak RSS; ratios to mergekit and to
+    the floors (buffered / direct I/O) of the same inputs (best wall times of the repeats)."""
     def cell(rs: list[dict]) -> str:
-        if not rs:
-            return "-"
-        return " / ".join(f"{r['wall_s']:.1f} ({r['cpu_s']:.1f})" for r in rs)
+        return " / ".join(f"{r['wall_s']:.1f} ({r['cpu_s']:.1f})" for r in rs) if rs else "-"
 
     def mem(rs: list[dict]) -> str:
         return " / ".join(f"{r['peak_rss_gib']:.2f}" for r in rs) if rs else "-"
 
-    def best(rs: list[dict]) -> float | None:
-        return min(r["wall_s"] for r in rs) if rs else None
+    def best(rs: list[dict]) -> float:
+        return min(r["wall_s"] for r in rs)
 
-    lines = ["| size | method | skillgraft wall s (CPU s) | peak RSS GiB | mergekit wall s (CPU s) | peak RSS GiB "
-             "| skillgraft / mergekit | skillgraft / floor |", "|---|---|---|---|---|---|---|---|"]
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
-    for size in sizes:
+    lines = ["| size | merge | skillgraft wall s (CPU s) | peak RSS GiB | mergekit wall s (CPU s) | peak RSS GiB "
+             "| vs mergekit | vs floor (buffered / direct) |", "|---|---|---|---|---|---|---|---|"]
+    for size in dict.fromkeys(r["size"] for r in rows):
         of = [r for r in rows if r["size"] == size and r["ok"]]
-        floors = [r for r in of if r["tool"] == "floor"]
-        methods = list(dict.fromkeys(r["method"] for r in of if r["tool"] != "floor"))
-        for tool in ("skillgraft", "skillgraft (VLM)"):
-            for method in methods:
+        for tool, target in (("skillgraft", "LLM"), ("skillgraft (VLM)", "VLM")):
+            fl = {m: [r for r in of if r["tool"] == f"floor ({target})" and r["method"] == m] for m in ("buffered", "direct")}
+            for method in dict.fromkeys(r["method"] for r in of if r["tool"] == tool):
                 sg = [r for r in of if r["tool"] == tool and r["method"] == method]
-                if not sg:
-                    continue
-                mk = [r for r in of if r["tool"] == "mergekit" and r["method"] == method] if tool == "skillgraft" else []
-                fl = floors[:1] if tool == "skillgraft" else floors[1:]
+                mk = [r for r in of if r["tool"] == "mergekit" and r["method"] == method] if target == "LLM" else []
                 ratio = f"{best(sg) / best(mk):.2f}x" if mk else "-"
-                fratio = f"{best(sg) / best(fl):.2f}x" if fl else "-"
-                label = method + (" (VLM, inject)" if tool != "skillgraft" else "")
+                fratio = " / ".join(f"{best(sg) / best(f):.2f}x" for f in fl.values() if f) or "-"
+                label = f"{method} ({'VLM, inject' if target == 'VLM' else 'LLM, symmetric'})"
                 lines.append(f"| {size} | {label} | {cell(sg)} | {mem(sg)} | {cell(mk)} | {mem(mk)} | {ratio} | {fratio} |")
-        for i, f in enumerate([floors[:1], floors[1:]]):
-            if f:
-                lines.append(f"| {size} | I/O floor{' (VLM)' if i else ''} | {cell(f)} | {mem(f)} | | | | |")
+            for m, f in fl.items():
+                if f:
+                    lines.append(f"| {size} | I/O floor, {target} inputs, {m} | {cell(f)} | {mem(f)} | | | | |")
     return "\n".join(lines)
 
 
@@ -216,15 +212,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
     series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for r in rows:
-        if r["ok"] and r["tool"] in ("skillgraft", "mergekit", "floor"):
-            series.setdefault((r["tool"], r["method"]), []).append((r["params_b"], r["wall_s"], r["peak_rss_gib"]))
+        if r["ok"] and r["tool"] in ("skillgraft", "mergekit", "floor (LLM)"):
+            tool = "floor" if r["tool"].startswith("floor") else r["tool"]
+            series.setdefault((tool, r["method"]), []).append((r["params_b"], r["wall_s"], r["peak_rss_gib"]))
     styles = {"skillgraft": "-", "mergekit": "--", "floor": ":"}
     for (tool, method), pts in sorted(series.items()):
         by: dict[float, tuple[float, float]] = {}
         for p, w, m in pts:
             by[p] = (min(w, by.get(p, (w, m))[0]), max(m, by.get(p, (w, m))[1]))
         xs = sorted(by)
-        label = "I/O floor" if tool == "floor" else f"{tool} {method}"
+        label = f"I/O floor ({method})" if tool == "floor" else f"{tool} {method}"
         ax_t.plot(xs, [by[x][0] for x in xs], styles[tool], marker="o", label=label)
         if tool != "floor":
             ax_m.plot(xs, [by[x][1] for x in xs], styles[tool], marker="o", label=label)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import SkillgraftError
 from .io.writer import ShardedWriter, TensorSpec
 from .mapping.plan import Entry, Plan
-from .memory import default_max_memory, rss_bytes
+from .memory import available_bytes, default_max_memory, rss_bytes
 from .methods import Method, TensorMerge
 from .methods.params import at_layer
 from .methods.sparsify import sample_positions
@@ -184,6 +184,7 @@ class Budget:
     ahead: int = 256 * 2**20
     hold: int = 0
     band_cap: int | None = None  # entries a top-k band may gather (None: the TopK default)
+    direct: bool = False  # read row blocks with direct I/O (inputs too large to stay in the page cache)
 
 
 IN_MEMORY = Budget(max_memory=0, hold=1 << 62)
@@ -294,7 +295,11 @@ def _every(t: torch.Tensor, k: int, start: int) -> torch.Tensor:
 def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.device
               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """float32 copies the merge may overwrite: ``tau_k`` (delta methods) or ``theta`` (interpolations);
-    and theta_B in float32 when it was needed (None otherwise)."""
+    and theta_B in float32 when the merge adds it back (symmetric mode), else None.
+
+    theta_B is subtracted in its stored dtype (the op widens it to float32 as it goes: the same
+    values as converting it first, without a float32 copy of it).
+    """
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, torch.float32, copy=True)
 
@@ -302,20 +307,16 @@ def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.d
         return [f32(inp.vlm)] + [f32(x) for x in inp.experts], None
     symmetric = s.mode == "symmetric"
     sources = ([(inp.vlm, False)] if symmetric else []) + list(zip(inp.experts, deltas))
-    base = None
+    if inp.base is None and not all(d for _, d in sources):
+        raise SkillgraftError(f"method {s.method.name} needs the base's tensor; give the base model")
+    base = None if inp.base is None else (inp.base.to(device, torch.float32) if symmetric else inp.base.to(device))
     out = []
     for x, is_delta in sources:
         t = f32(x)
         if not is_delta:
-            if inp.base is None:
-                raise SkillgraftError(f"method {s.method.name} needs the base's tensor; give the base model")
-            if base is None:
-                base = inp.base.to(device, torch.float32)
             t.sub_(base)
         out.append(t)
-    if symmetric and base is None:
-        base = inp.base.to(device, torch.float32)
-    return out, base
+    return out, base if symmetric else None
 
 
 class _Randoms:
@@ -373,19 +374,17 @@ def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: sli
     else:
         sq = [_sq(_every(t, k, start)) for t in xs]
         part.deltas = sq[1:] if symmetric else sq
-        if base is not None:
-            part.base = _sq(_every(base, k, start))
+        if inp.base is not None:
+            part.base = _sq(_every(inp.base, k, start).to(device, torch.float32))
+        vs = _every(inp.vlm, k, start).to(device, torch.float32)
     delta = job.kernel.apply(xs, streams, blk)
     if kind == "interp":
         merged = delta
     elif symmetric:
         merged = delta.add_(base)
-        vs = _every(inp.vlm, k, start).to(device, torch.float32)
     else:
-        vc = inp.vlm.to(device, torch.float32)
         part.change = _sq(_every(delta, k, start))
-        merged = delta.add_(vc)
-        vs = _every(vc, k, start)
+        merged = delta.add_(inp.vlm.to(device))  # theta_V widened to float32 by the op
     if kind == "interp" or symmetric:
         part.change = _sq(_every(merged, k, start) - vs)
     part.vlm = _sq(vs)
@@ -541,7 +540,10 @@ def plan_budget(plan: Plan, s: MergeSettings, max_memory: int | None = None, wor
                     f"method {s.method.name} holds each matrix whole for its SVD: {e.name} "
                     f"({' x '.join(map(str, shape))}) needs about {_gb(matrix)} but max_memory {_gb(total)} leaves "
                     f"{_gb(max(rest, 0))}; raise max_memory or exclude that tensor")
-    return Budget(total, block, ahead, hold=max(0, (3 * rest) // 4 - (rest // 4 if topks else 0)), band_cap=band_cap)
+    # inputs larger than half the memory available would not stay in the page cache: read them directly
+    inputs = sum(_itemsize(plan, ("vlm", "base", "experts"), e) * math.prod(e.shape) for e in merged)
+    return Budget(total, block, ahead, hold=max(0, (3 * rest) // 4 - (rest // 4 if topks else 0)), band_cap=band_cap,
+                  direct=inputs > available_bytes() // 2)
 
 
 def _gb(n: int) -> str:
@@ -686,7 +688,8 @@ def run(
     ``max_memory``: the peak resident memory the run stays under (default: sized to the machine);
     ``budget`` sets block size, read-ahead and hold limit directly instead. ``workers``: blocks merged
     at once, each in its own thread (the torch ops inside use torch's intra-op threads: with several
-    workers, one intra-op thread each is best). Changes no process-wide setting (allocator, threads).
+    workers, one intra-op thread each is best). When the inputs are too large to stay in the page
+    cache, reads and ``writer`` use direct I/O. Changes no process-wide setting (allocator, threads).
     """
     dev = torch.device(device)
     workers = max(1, int(workers))
@@ -696,7 +699,8 @@ def run(
     per_tensor: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
     labels = [ck.label for ck in plan.experts]
-    source = FileSource(plan)
+    source = FileSource(plan, direct=budget.direct)
+    writer.direct = writer.direct or budget.direct
     with ThreadPoolExecutor(1, thread_name_prefix="sg-read") as readers, ThreadPoolExecutor(
         1, thread_name_prefix="sg-write"
     ) as writers, ThreadPoolExecutor(workers, thread_name_prefix="sg-merge") as mergers:

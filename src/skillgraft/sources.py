@@ -49,17 +49,17 @@ def holds_deltas(reader: Any) -> bool:
     return bool(getattr(reader, "holds_deltas", False))
 
 
-def read_rows(reader: Any, name: str, start: int, stop: int) -> Tensor:
+def read_rows(reader: Any, name: str, start: int, stop: int, direct: bool = False) -> Tensor:
     """Rows ``start:stop`` of tensor ``name`` in a fresh buffer; a 0-dim tensor is one row.
 
-    Readers with ``read_rows`` (checkpoint files) read only those bytes; others are asked for the
-    first ``stop`` rows (``get_rows``) and sliced.
+    Readers with ``read_rows`` (checkpoint files) read only those bytes (``direct``: bypassing the
+    page cache where they can); others are asked for the first ``stop`` rows (``get_rows``) and sliced.
     """
     if not reader.shape(name):
         return reader.get(name).reshape(1)
     fast = getattr(reader, "read_rows", None)
     if fast is not None:
-        return fast(name, start, stop)
+        return fast(name, start, stop, direct) if direct else fast(name, start, stop)
     return reader.get_rows(name, stop)[start:stop]
 
 
@@ -73,10 +73,11 @@ def row_nbytes(reader: Any, name: str) -> int:
 
 
 class FileSource:
-    """Reads an entry's rows from the plan's checkpoint readers."""
+    """Reads an entry's rows from the plan's checkpoint readers (``direct``: bypassing the page cache)."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, direct: bool = False):
         self.plan = plan
+        self.direct = direct
 
     def names(self, e: Entry) -> dict[str, Any]:
         p = self.plan
@@ -96,7 +97,7 @@ class FileSource:
             if req.rows == slice(None):  # the entry held whole: the VLM's every row, the others' merged rows
                 return reader.get(name) if role == "vlm" else reader.get_rows(name, e.rows)
             if isinstance(req.rows, slice):
-                return read_rows(reader, name, req.rows.start, req.rows.stop)
+                return read_rows(reader, name, req.rows.start, req.rows.stop, self.direct)
             return _sample_rows(reader, name, req.rows)
 
         out = Inputs()
