@@ -35,8 +35,9 @@ def keep_count(n: int, density: float) -> int:
     return max(1, int(density * n))
 
 
-def bracket(sample: Tensor, n: int, k: int) -> tuple[Tensor | None, Tensor | None]:
-    """Lower and upper bounds of the k-th largest of ``n`` magnitudes, from a sample of them.
+def bracket(sample: Tensor, n: int, k: int) -> tuple[Tensor | None, Tensor | None, float]:
+    """Lower and upper bounds of the k-th largest of ``n`` magnitudes, from a sample of them, and the
+    fraction of the sample between them.
 
     The bounds sit about five standard deviations of a sample quantile either side of it (plus slack
     for discreteness); ``None`` is an open end.
@@ -47,7 +48,7 @@ def bracket(sample: Tensor, n: int, k: int) -> tuple[Tensor | None, Tensor | Non
     lo_i, hi_i = int(math.floor((q - margin) * m)), int(math.ceil((q + margin) * m))
     lo = torch.kthvalue(sample, lo_i + 1).values if lo_i >= 0 else None
     hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < m else None
-    return lo, hi
+    return lo, hi, (min(hi_i, m - 1) - max(lo_i, 0) + 1) / m
 
 
 class TopK:
@@ -62,9 +63,11 @@ class TopK:
         self.n, self.k = n, k
         self.all, self.none = k >= n, k <= 0
         self.lo = self.hi = None
+        inside = 1.0
         if not (self.all or self.none) and sample is not None and n > EXACT_BELOW:
-            self.lo, self.hi = bracket(sample, n, k)
+            self.lo, self.hi, inside = bracket(sample, n, k)
         self.band_cap = band_cap if band_cap is not None else max(1 << 22, n // 50)
+        self._expect = min(self.band_cap, int(1.25 * inside * n) + 4096)  # the band buffer's first size
         self._reset()
         self.thr: Tensor | None = None
         self.eq_left = 0  # entries equal to thr still to keep, in position order
@@ -80,7 +83,7 @@ class TopK:
 
     def _reset(self) -> None:
         self.c_hi = 0
-        self.band: list[Tensor] = []
+        self.band: Tensor | None = None  # the gathered band, one buffer (see ``absorb``)
         self.band_n = 0
         self.hist: Tensor | None = None
 
@@ -116,12 +119,21 @@ class TopK:
             return
         c_hi, band = part
         self.c_hi += c_hi
-        if self.band_n + band.numel() > self.band_cap:
+        n = band.numel()
+        if self.band_n + n > self.band_cap:
             self.band_n = self.band_cap + 1  # give up gathering; the radix passes will decide
-            self.band = []
+            self.band = None
         elif self.band_n <= self.band_cap:
-            self.band.append(band)
-            self.band_n += band.numel()
+            # one buffer, grown by doubling: many small long-lived pieces among the blocks' large
+            # temporaries would fragment the heap (measured: 1 GB of RSS over an embedding's pass)
+            if self.band is None or self.band_n + n > self.band.numel():
+                size = self._expect if self.band is None else 2 * (self.band_n + n)
+                grown = torch.empty(min(self.band_cap, max(size, self.band_n + n)), dtype=band.dtype, device=band.device)
+                if self.band_n:
+                    grown[: self.band_n] = self.band[: self.band_n]
+                self.band = grown
+            self.band[self.band_n : self.band_n + n] = band
+            self.band_n += n
 
     def observe(self, a: Tensor) -> None:
         """Statistics of the next block's magnitudes (``measure`` then ``absorb``)."""
@@ -147,7 +159,7 @@ class TopK:
         if self.band_n > self.band_cap or self.c_hi > self.k:
             return None
         need = self.k - self.c_hi
-        cand = torch.cat(self.band) if self.band else torch.empty(0)
+        cand = self.band[: self.band_n] if self.band is not None else torch.empty(0)
         if need > cand.numel() or need <= 0:
             return None
         thr = torch.kthvalue(cand, cand.numel() - need + 1).values
@@ -178,7 +190,7 @@ class TopK:
         self.eq_left = self.k - n_gt
         self.simple = self.eq_left == n_eq
         self.refine = False
-        self.band = []
+        self.band = None
 
     def mask(self, a: Tensor) -> Tensor:
         """Keep-mask of the next block, given its magnitudes ``a``; blocks must come in order."""
