@@ -13,7 +13,10 @@ peak RSS):
   ``vlm`` weight 1 and ``expert`` weight 0.8);
 - at 72B widths the VLM is a Qwen2-VL checkpoint, which mergekit cannot read: mergekit merges its
   language model alone (``vlm-llm/``), and skillgraft runs both that LLM-only merge (for the ratio)
-  and the real VLM merge (``skillgraft (VLM)``, inject mode, the default).
+  and the real VLM merge (``skillgraft (VLM)``, inject mode, the default);
+- ``--library`` adds the same merges through the Python API (``skillgraft.api.inject``) as a library
+  caller makes them: the process's allocator and torch thread count left as they are, one merge
+  worker (the command line sets its own allocator policy and one intra-op thread per worker).
 
 Inputs that fit in half the memory are read once before each run (warm page cache); larger ones are
 dropped from the page cache before each run (``posix_fadvise(DONTNEED)``), so every tool starts
@@ -156,6 +159,11 @@ def run_size(size: str, work: Path, args: argparse.Namespace, env: dict[str, str
         recipe.write_text(yaml.safe_dump(skillgraft_recipe(method, d / "base", vlm, d / "expert", mode)))
         record(tool, method, [sys.executable, "-m", "skillgraft", "inject", "--recipe", str(recipe), "-o", str(out),
                               "--force", "-q"], [vlm, d / "base", d / "expert"])
+        if args.library:
+            code = ("import sys; from skillgraft.api import inject; from skillgraft.recipe import Recipe; "
+                    "inject(Recipe.load(sys.argv[1]), sys.argv[2], force=True, progress=False)")
+            record(tool.replace("skillgraft", "library"), method, [sys.executable, "-c", code, str(recipe), str(out)],
+                   [vlm, d / "base", d / "expert"])
 
     floor(llm, "LLM")
     for method in args.methods.split(","):
@@ -188,7 +196,8 @@ def table(rows: list[dict]) -> str:
              "| vs mergekit | vs floor (buffered / direct) |", "|---|---|---|---|---|---|---|---|"]
     for size in dict.fromkeys(r["size"] for r in rows):
         of = [r for r in rows if r["size"] == size and r["ok"]]
-        for tool, target in (("skillgraft", "LLM"), ("skillgraft (VLM)", "VLM")):
+        for tool, target in (("skillgraft", "LLM"), ("library", "LLM"), ("skillgraft (VLM)", "VLM"),
+                             ("library (VLM)", "VLM")):
             fl = {m: [r for r in of if r["tool"] == f"floor ({target})" and r["method"] == m] for m in ("buffered", "direct")}
             for method in dict.fromkeys(r["method"] for r in of if r["tool"] == tool):
                 sg = [r for r in of if r["tool"] == tool and r["method"] == method]
@@ -196,8 +205,10 @@ def table(rows: list[dict]) -> str:
                 ratio = f"{best(sg) / best(mk):.2f}x" if mk else "-"
                 fratio = " / ".join(f"{best(sg) / best(f):.2f}x" for f in fl.values() if f) or "-"
                 label = f"{method} ({'VLM, inject' if target == 'VLM' else 'LLM, symmetric'})"
+                if tool.startswith("library"):
+                    label += ", Python API"
                 lines.append(f"| {size} | {label} | {cell(sg)} | {mem(sg)} | {cell(mk)} | {mem(mk)} | {ratio} | {fratio} |")
-            for m, f in fl.items():
+            for m, f in fl.items() if not tool.startswith("library") else ():
                 if f:
                     lines.append(f"| {size} | I/O floor, {target} inputs, {m} | {cell(f)} | {mem(f)} | | | | |")
     return "\n".join(lines)
@@ -245,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit", help="path to mergekit-yaml (default: next to this Python, or on PATH)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--library", action="store_true", help="also run each skillgraft merge through the Python API")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args(argv)

@@ -275,21 +275,21 @@ def make_job(key: int, e: Entry, s: MergeSettings, budget: Budget, deltas: list[
 
 def _hold_or_stream(job: Job, budget: Budget) -> None:
     """Hold a multi-pass tensor's inputs when they fit the budget (or it is one block); else sample rows."""
-    k = job.kernel
-    if k is None:
+    tm = job.kernel
+    if tm is None:
         return
     whole = job.read(ALL_ROWS, job.roles_apply).nbytes
-    job.hold = len(job.work) == 1 or (k.planned_passes > 0 and whole <= budget.hold)
-    if k.needs_sample and not job.hold:
+    job.hold = len(job.work) == 1 or (tm.planned_passes > 0 and whole <= budget.hold)
+    if tm.needs_sample and not job.hold:
         job.sample = sample_rows(job.rows, job.row_len, 4 * SAMPLE, job.rows)
 
 
 # ---------------------------------------------------------------------------------- the driver
 
 
-def _every(t: torch.Tensor, k: int, start: int) -> torch.Tensor:
-    """Rows of ``t`` whose global index (``start`` + local) is a multiple of ``k``."""
-    return t if k == 1 else t[(-start) % k :: k]
+def _every(t: torch.Tensor, stride: int, start: int) -> torch.Tensor:
+    """Rows of ``t`` whose global index (``start`` + local) is a multiple of ``stride``."""
+    return t if stride == 1 else t[(-start) % stride :: stride]
 
 
 def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.device
@@ -327,15 +327,15 @@ class _Randoms:
         self.index, self.streams = -1, None
 
     def get(self, i: int) -> Any:
-        k = self.job.kernel
-        if not k.random:
+        tm = self.job.kernel
+        if not tm.random:
             return None
         if i != self.index:
             name = self.job.entry.name
             gen = torch.Generator()
             gen.manual_seed(tensor_seed(self.seed, name if i == 0 else f"{name}#{i}"))
             r = self.job.random_blocks[i]
-            self.index, self.streams = i, k.streams(gen, (r.stop - r.start) * self.job.row_len)
+            self.index, self.streams = i, tm.streams(gen, (r.stop - r.start) * self.job.row_len)
         return self.streams
 
 
@@ -362,31 +362,31 @@ def _check_finite(job: Job, inp: Inputs, merged: torch.Tensor, where: Callable[[
                           f"check the method's parameters ({job.args.params if job.args else {}})")
 
 
-def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice,
-                 device: torch.device) -> tuple[torch.Tensor, Norms]:
+def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice, device: torch.device,
+                 index: int | None = None) -> tuple[torch.Tensor, Norms]:
     """One block of the apply pass: the merged float32 rows and their norm statistics."""
-    k, start = stats_stride(job.entry), blk.start
+    stride, start = stats_stride(job.entry), blk.start
     xs, base = _operands(inp, s, job.deltas, device)
     part = Norms()
     kind, symmetric = s.method.kind, s.mode == "symmetric"
     if kind == "interp":
-        vs = _every(xs[0], k, start).clone()
+        vs = _every(xs[0], stride, start).clone()
     else:
-        sq = [_sq(_every(t, k, start)) for t in xs]
+        sq = [_sq(_every(t, stride, start)) for t in xs]
         part.deltas = sq[1:] if symmetric else sq
         if inp.base is not None:
-            part.base = _sq(_every(inp.base, k, start).to(device, torch.float32))
-        vs = _every(inp.vlm, k, start).to(device, torch.float32)
-    delta = job.kernel.apply(xs, streams, blk)
+            part.base = _sq(_every(inp.base, stride, start).to(device, torch.float32))
+        vs = _every(inp.vlm, stride, start).to(device, torch.float32)
+    delta = job.kernel.apply(xs, streams, blk, index)
     if kind == "interp":
         merged = delta
     elif symmetric:
         merged = delta.add_(base)
     else:
-        part.change = _sq(_every(delta, k, start))
+        part.change = _sq(_every(delta, stride, start))
         merged = delta.add_(inp.vlm.to(device))  # theta_V widened to float32 by the op
     if kind == "interp" or symmetric:
-        part.change = _sq(_every(merged, k, start) - vs)
+        part.change = _sq(_every(merged, stride, start) - vs)
     part.vlm = _sq(vs)
     return merged, part
 
@@ -401,8 +401,8 @@ def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write) -> None:
 
 
 def _apply_and_check(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice, device: torch.device,
-                     where: Callable[[str, int], str]) -> tuple[torch.Tensor, Norms]:
-    merged, part = _apply_block(job, inp, s, streams, blk, device)
+                     where: Callable[[str, int], str], index: int) -> tuple[torch.Tensor, Norms]:
+    merged, part = _apply_block(job, inp, s, streams, blk, device, index)
     _check_finite(job, inp, merged, where)
     return merged.to(job.out_dtype), part
 
@@ -416,27 +416,27 @@ def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, devi
     block depends on the one before (one block per random block; in the apply pass, no top-k ties
     carried across blocks); statistics are absorbed and blocks written in order either way.
     """
-    k = job.kernel
+    tm = job.kernel
     get = take
     if job.hold:
         held = take(job.read(ALL_ROWS, job.roles_apply))
         mem = MemorySource(held)
         get = mem.read
-    if k.needs_sample:
+    if tm.needs_sample:
         if job.hold:
             inp = mem.gather(sample_positions(job.rows * job.row_len), job.roles_op)
         else:
             inp = take(job.read(job.sample, job.roles_op))
-        k.take_sample([x.reshape(-1) for x in _operands(inp, s, job.deltas, device)[0]])
+        tm.take_sample([x.reshape(-1) for x in _operands(inp, s, job.deltas, device)[0]])
     one_per_random = len(job.work) == len(job.random_blocks)
-    parallel = pool is not None and workers > 1 and (one_per_random or not k.random)
+    parallel = pool is not None and workers > 1 and (one_per_random or not tm.random)
     pending: deque[Future[Any]] = deque()
 
     def blocks(roles: tuple[str, ...], work: Callable[..., Any], done: Callable[[Any], None]) -> None:
-        """``work(inputs, streams, rows)`` for every block, ``done`` on the results in block order."""
+        """``work(inputs, streams, rows, index)`` for every block, ``done`` on the results in block order."""
         randoms = _Randoms(job, s.seed)
-        for blk, i in job.work:
-            args = (get(job.read(blk, roles)), randoms.get(i), blk)
+        for index, (blk, i) in enumerate(job.work):
+            args = (get(job.read(blk, roles)), randoms.get(i), blk, index)
             if parallel:
                 pending.append(pool.submit(work, *args))
                 while len(pending) >= workers:
@@ -447,19 +447,20 @@ def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, devi
             done(pending.popleft().result())
 
     p = 0
-    while k.pending(p):
-        blocks(job.roles_op, lambda inp, streams, blk, p=p: k.measure(
-            p, _operands(inp, s, job.deltas, device)[0], streams, blk), lambda part, p=p: k.absorb(p, part))
-        k.finish(p)
+    while tm.pending(p):
+        blocks(job.roles_op, lambda inp, streams, blk, index, p=p: tm.measure(
+            p, _operands(inp, s, job.deltas, device)[0], streams, blk), lambda part, p=p: tm.absorb(p, part))
+        tm.finish(p)
         p += 1
     norms = Norms()
-    parallel = parallel and k.order_free
+    parallel = parallel and tm.order_free
 
     def done(result: tuple[torch.Tensor, Norms]) -> None:
         norms.add(result[1])
         write(result[0])
 
-    blocks(job.roles_apply, lambda inp, streams, blk: _apply_and_check(job, inp, s, streams, blk, device, where), done)
+    blocks(job.roles_apply, lambda inp, streams, blk, index: _apply_and_check(job, inp, s, streams, blk, device, where,
+                                                                              index), done)
     for blk in job.tail:
         write(get(job.read(blk, ("vlm",))).vlm.to(job.out_dtype))
     return norms

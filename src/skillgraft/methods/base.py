@@ -137,7 +137,7 @@ class Method:
         def one(p: Parts) -> str:
             return " x ".join([p.sparsifier.name] + ([p.sign.name] if p.sign else []) + [p.combiner.name])
 
-        text = " | ".join(f"{k}: {one(p)}" for k, p in self.switch.options.items()) if self.switch else one(
+        text = " or ".join(f"{k}: {one(p)}" for k, p in self.switch.options.items()) if self.switch else one(
             self._all_parts()[0])
         return text + (" + TALL mask" if self.mask is not None else "")
 
@@ -228,7 +228,7 @@ class Method:
             tm.observe(p_no, [x.clone() for x in work], streams(), at)
             tm.finish(p_no)
             p_no += 1
-        return tm.apply([x.clone() for x in work], streams(), at).reshape(shape)
+        return tm.apply([x.clone() for x in work], streams(), at, 0).reshape(shape)
 
     __call__ = fn
 
@@ -320,10 +320,11 @@ class TensorMerge:
                 v.finish()
                 self.active[j] = v.refine
 
-    def apply(self, xs: list[Tensor], streams: BlockStreams | None, at: slice) -> Tensor:
-        """The merged block: ``M`` of the block's task vectors (delta) or models (interp)."""
+    def apply(self, xs: list[Tensor], streams: BlockStreams | None, at: slice, block: int | None = None) -> Tensor:
+        """The merged block: ``M`` of the block's task vectors (delta) or models (interp); ``xs`` may be
+        overwritten. ``block``: the block's number in the statistics passes (None: blocks in order)."""
         mask = self.mask.mask(xs, self.weights, self.params) if self.mask is not None else None
-        kept = [v.apply(x, self._keep(j, streams, x.device)) for j, (v, x) in enumerate(zip(self.vectors, xs))]
+        kept = [v.apply(x, self._keep(j, streams, x.device), block) for j, (v, x) in enumerate(zip(self.vectors, xs))]
         out = self.combine.apply(kept, at)
         if mask is not None:
             out = out.mul_(mask)

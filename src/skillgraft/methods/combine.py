@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .kernels import add_mask_, compare
 from .params import ParamSpec
 from .reduce import Total
 
@@ -113,11 +114,11 @@ def _normalize_mode(normalize: bool | str) -> str:
 
 
 def disjoint(deltas: Sequence[Tensor], weights: Sequence[float], elected: Tensor | None,
-             sign_from: str = "weighted", normalize: bool | str = False) -> Tensor:
+             sign_from: str = "weighted", normalize: bool | str = False, overwrite: bool = False) -> Tensor:
     """TIES disjoint merge: the agreeing ``w_k tau_k`` summed, divided as ``normalize`` says.
 
     One task vector at a time (no stacking): three temporaries of the block's size whatever the
-    number of task vectors.
+    number of task vectors; none with ``overwrite`` (the deltas are then overwritten).
     """
     mode = _normalize_mode(normalize)
     if elected is None:
@@ -129,16 +130,14 @@ def disjoint(deltas: Sequence[Tensor], weights: Sequence[float], elected: Tensor
         if s == 0.0:
             continue  # a zero-weight entry has sign 0 in weighted/count mode: it never agrees
         # u = |d| where (s * d) agrees with the elected sign, else 0; then w * d = (w * s) * u * elected
-        u = torch.mul(d, elected)
+        u = d.mul_(elected) if overwrite else torch.mul(d, elected)
         if s < 0:
             u.neg_()
         u.relu_()
         if mode != "none":
-            agree = u > 0
             if divisor is None:
                 divisor = torch.zeros_like(u)
-            divisor.add_(agree, alpha=(w if mode == "weights" else 1.0))
-            del agree
+            add_mask_(divisor, compare(u, ">", 0.0), w if mode == "weights" else 1.0)
         if w != 0.0:
             merged = u.mul_(w * s) if merged is None else merged.add_(u, alpha=w * s)
     if merged is None:
@@ -158,9 +157,10 @@ def disjoint(deltas: Sequence[Tensor], weights: Sequence[float], elected: Tensor
 
 
 def elect_and_merge(deltas: Sequence[Tensor], weights: Sequence[float], sign_from: str = "weighted",
-                    normalize: bool | str = False) -> Tensor:
-    """TIES elect + disjoint merge of already-thinned deltas (see the module docstring for the modes)."""
-    return disjoint(deltas, weights, elect(deltas, weights, sign_from), sign_from, normalize)
+                    normalize: bool | str = False, overwrite: bool = False) -> Tensor:
+    """TIES elect + disjoint merge of already-thinned deltas (see the module docstring for the modes);
+    ``overwrite``: the deltas may be overwritten."""
+    return disjoint(deltas, weights, elect(deltas, weights, sign_from), sign_from, normalize, overwrite)
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class _Disjoint(_State):
         self.weights, self.sign_from, self.normalize = weights, params["sign_from"], params["normalize"]
 
     def apply(self, xs: list[Tensor], at: slice) -> Tensor:
-        return elect_and_merge(xs, self.weights, self.sign_from, self.normalize)
+        return elect_and_merge(xs, self.weights, self.sign_from, self.normalize, overwrite=True)
 
 
 SUM = Combiner("sum", "delta", (), _Sum)

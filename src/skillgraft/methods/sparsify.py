@@ -6,8 +6,9 @@ the state for one task vector of one tensor, which the engine drives block by bl
 - ``passes``: statistics passes it needs before the apply pass (0, or 1 for a whole-tensor
   statistic: a top-k threshold, a norm): ``measure`` each block (thread-safe), ``absorb`` the
   results in block order, ``finish`` the pass; ``refine`` asks for more;
-- ``apply(x, keep)``: the thinned block (a new tensor, or ``x`` itself when nothing is dropped);
-  ``keep(shape, p)`` draws the vector's next keep-mask from the random streams.
+- ``apply(x, keep, block)``: the thinned block (``x``, which the state may overwrite);
+  ``keep(shape, p)`` draws the vector's next keep-mask from the random streams; ``block`` is the
+  block's number in the statistics pass (None: blocks come in order).
 
 The four sparsifiers, after their papers (counts and rescales as mergekit and PEFT have them):
 
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .kernels import mul_mask_
 from .params import ParamSpec
 from .reduce import NormMatch
 from .topk import SAMPLE, TopK, keep_count
@@ -81,7 +83,7 @@ class _Vector:
     def finish(self) -> None:
         pass
 
-    def apply(self, x: Tensor, keep: Keep) -> Tensor:
+    def apply(self, x: Tensor, keep: Keep, block: int | None = None) -> Tensor:
         return x
 
 
@@ -100,8 +102,8 @@ class _Trimmed(_Vector):
 
     @property
     def order_free(self) -> bool:
-        """True once the thresholds are known and no entry equal to one is decided by its position."""
-        return all(t.simple for t in self.tops)
+        """True once the thresholds are known and no block's ties depend on the blocks before it."""
+        return all(t.order_free for t in self.tops)
 
     def measure(self, x: Tensor, keep: Keep) -> Any:
         a = x.abs()
@@ -115,15 +117,15 @@ class _Trimmed(_Vector):
         for t in self.tops:
             t.finish()
 
-    def mask(self, a: Tensor) -> Tensor:
-        """Keep-mask of the next block given its magnitudes (blocks in order)."""
-        m = self.tops[0].mask(a)
+    def mask(self, a: Tensor, block: int | None = None) -> Tensor:
+        """Keep-mask of a block given its magnitudes (see ``TopK.mask``)."""
+        m = self.tops[0].mask(a, block)
         if self.drop is not None:
-            m &= ~self.drop.mask(a)
+            m &= ~self.drop.mask(a, block)
         return m
 
-    def apply(self, x: Tensor, keep: Keep) -> Tensor:
-        return x * self.mask(x.abs())
+    def apply(self, x: Tensor, keep: Keep, block: int | None = None) -> Tensor:
+        return mul_mask_(x, self.mask(x.abs(), block))
 
 
 class _Dropped(_Vector):
@@ -135,9 +137,10 @@ class _Dropped(_Vector):
         self.match = NormMatch(rescale) if isinstance(rescale, str) else None
         self.passes = 0 if self.match is None else 1
 
-    def _thin(self, x: Tensor, keep: Keep) -> tuple[Tensor, Any]:
+    def _thin(self, x: Tensor, keep: Keep, inplace: bool = False) -> tuple[Tensor, Any]:
         p = self.prob(x)
-        return x * keep(tuple(x.shape), p), p
+        mask = keep(tuple(x.shape), p)
+        return mul_mask_(x if inplace else x.clone(), mask), p
 
     def measure(self, x: Tensor, keep: Keep) -> Any:
         return self.match.measure(x, self._thin(x, keep)[0])
@@ -148,8 +151,8 @@ class _Dropped(_Vector):
     def finish(self) -> None:
         self.match.finish()
 
-    def apply(self, x: Tensor, keep: Keep) -> Tensor:
-        kept, p = self._thin(x, keep)
+    def apply(self, x: Tensor, keep: Keep, block: int | None = None) -> Tensor:
+        kept, p = self._thin(x, keep, inplace=self.match is None)
         if self.rescale is True:
             return kept.div_(p)
         return kept if self.match is None else self.match.apply(kept)

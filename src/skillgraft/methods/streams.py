@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from .kernels import compare, less
+
 Tensor = torch.Tensor
 
 SKIP_CHUNK = 1 << 22
@@ -84,8 +86,9 @@ class BlockStreams:
         if self.kind == "words":
             return self.words[j].below(math.prod(shape), float(p)).reshape(shape).to(device)
         u = self._float_stream(j).uniform(shape)
-        p = p.to(u.device) if isinstance(p, Tensor) else torch.tensor(float(p), dtype=torch.float32)
-        return (u < p).to(device)
+        if isinstance(p, Tensor):
+            return less(u, p.to(u.device, torch.float32)).to(device)
+        return compare(u, "<", torch.tensor(float(p), dtype=torch.float32)).to(device)
 
     def _float_stream(self, j: int) -> FloatStream:
         s = self.floats.get(j)

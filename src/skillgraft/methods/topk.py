@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .kernels import compare, count, first_true, select
+
 Tensor = torch.Tensor
 
 EXACT_BELOW = 1 << 17  # up to this many entries the band is the whole tensor
@@ -72,6 +74,7 @@ class TopK:
         self.thr: Tensor | None = None
         self.eq_left = 0  # entries equal to thr still to keep, in position order
         self.simple = True  # every entry equal to thr is kept: mask = |x| >= thr
+        self.quotas: list[tuple[int, int]] | None = None  # per block: (entries equal to thr, how many kept)
         self.refine = False
         self._stage = "band"
         self._bin = 0
@@ -85,6 +88,7 @@ class TopK:
         self.c_hi = 0
         self.band: Tensor | None = None  # the gathered band, one buffer (see ``absorb``)
         self.band_n = 0
+        self.starts: list[int] = []  # where each block's part of the band begins
         self.hist: Tensor | None = None
 
     def measure(self, a: Tensor) -> Any:
@@ -100,13 +104,12 @@ class TopK:
             return torch.bincount(bits[(bits >> 15) == self._bin] & (_LOW - 1), minlength=_LOW)
         c_hi = 0
         if self.hi is not None:
-            c_hi = int(torch.count_nonzero(a > self.hi))
-            keep = a <= self.hi
-            if self.lo is not None:
-                keep &= a >= self.lo
-            band = a[keep]
+            above = compare(a, ">", self.hi)
+            c_hi = count(above)
+            keep = above.logical_not_() if self.lo is None else compare(a, ">=", self.lo).logical_and_(above.logical_not_())
+            band = select(a, keep)
         elif self.lo is not None:
-            band = a[a >= self.lo]
+            band = select(a, compare(a, ">=", self.lo))
         else:
             band = a.clone()
         return c_hi, band
@@ -120,6 +123,7 @@ class TopK:
         c_hi, band = part
         self.c_hi += c_hi
         n = band.numel()
+        self.starts.append(self.band_n)
         if self.band_n + n > self.band_cap:
             self.band_n = self.band_cap + 1  # give up gathering; the radix passes will decide
             self.band = None
@@ -146,7 +150,10 @@ class TopK:
         if self._stage == "band":
             found = self._from_band()
             if found is not None:
+                cand = self.band[: self.band_n]
                 self._set(*found)
+                if not self.simple:
+                    self._share_ties(cand)
                 return
             self._stage, self.refine = "high", True
         elif self._stage == "high":
@@ -163,9 +170,26 @@ class TopK:
         if need > cand.numel() or need <= 0:
             return None
         thr = torch.kthvalue(cand, cand.numel() - need + 1).values
-        n_gt = self.c_hi + int(torch.count_nonzero(cand > thr))
-        n_eq = int(torch.count_nonzero(cand == thr))
+        n_gt = self.c_hi + count(compare(cand, ">", thr))
+        n_eq = count(compare(cand, "==", thr))
         return thr, n_gt, n_eq
+
+    def _share_ties(self, band: Tensor) -> None:
+        """Per block, how many of its entries equal to the threshold are kept (the first ones by position,
+        the earlier blocks first): from each block's part of the band, so blocks need no order."""
+        bounds = self.starts + [band.numel()]
+        left = self.eq_left
+        self.quotas = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            n_eq = count(compare(band[a:b], "==", self.thr))
+            take = min(n_eq, left)
+            self.quotas.append((n_eq, take))
+            left -= take
+
+    @property
+    def order_free(self) -> bool:
+        """True when ``mask`` needs no block order (every tie kept, or each block's share known)."""
+        return self.simple or self.quotas is not None
 
     def _pick(self, above: int) -> tuple[int, int]:
         """(bin holding the k-th largest, entries above that bin), counting down from the top."""
@@ -192,24 +216,31 @@ class TopK:
         self.refine = False
         self.band = None
 
-    def mask(self, a: Tensor) -> Tensor:
-        """Keep-mask of the next block, given its magnitudes ``a``; blocks must come in order."""
+    def mask(self, a: Tensor, block: int | None = None) -> Tensor:
+        """Keep-mask of a block given its magnitudes ``a``: block number ``block`` of the statistics pass
+        (any order), or, without it, the next block (blocks in order)."""
         if self.all:
             return torch.ones_like(a, dtype=torch.bool)
         if self.none:
             return torch.zeros_like(a, dtype=torch.bool)
-        thr = self.thr.to(a.device)
+        thr = self.thr
         if self.simple:
-            return a >= thr
-        keep = a > thr
+            return compare(a, ">=", thr)
+        keep = compare(a, ">", thr)
+        if block is not None and self.quotas is not None:
+            n_eq, take = self.quotas[block]
+            if take == n_eq and take:
+                keep |= compare(a, "==", thr)
+            elif take:
+                keep.view(-1)[first_true(compare(a, "==", thr), take)] = True
+            return keep
         if self.eq_left > 0:
-            eq = a == thr
-            n_eq = int(torch.count_nonzero(eq))
+            eq = compare(a, "==", thr)
+            n_eq = count(eq)
             if n_eq <= self.eq_left:
                 keep |= eq
                 self.eq_left -= n_eq
             elif n_eq:
-                idx = eq.reshape(-1).nonzero().flatten()[: self.eq_left]
-                keep.view(-1)[idx] = True
+                keep.view(-1)[first_true(eq, self.eq_left)] = True
                 self.eq_left = 0
         return keep
