@@ -179,3 +179,23 @@ def test_block_streams_continue_across_pieces(kind):
         got = draw(pieces)
         assert all(torch.equal(a, b) for a, b in zip(got, whole)), pieces
     assert abs(float(whole[0].float().mean()) - p) < 0.02
+
+
+def test_della_ranks_a_vector_as_one_row_whatever_the_block_size():
+    """DELLA ranks magnitudes within rows and a 1-D tensor is one row: it is never cut into blocks."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(5000, generator=g)
+    es = [b + 0.05 * torch.randn(5000, generator=g)]
+    m = METHODS["della"]
+    s = MergeSettings(m, m.resolve_params({}), "inject", [1.0], [0.5], seed=1, n_layers=2)
+    entry = Entry("v", (5000,), torch.float32, "merge", "t", lm_name="layers.0.input_layernorm.weight",
+                  expert_names=("v",), base_name="v")
+    outs = []
+    for block in (1 << 22, 300):
+        saved = engine.IN_MEMORY
+        engine.IN_MEMORY = Budget(0, block_entries=block, hold=1 << 62)
+        try:
+            outs.append(merge_tensor(entry, Inputs(b.clone(), b, es), s, torch.device("cpu"), torch.float32)[0])
+        finally:
+            engine.IN_MEMORY = saved
+    assert torch.equal(outs[0], outs[1])

@@ -43,6 +43,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base
 RANDOM_BLOCK = 1 << 22  # entries of a random block of row-local random methods (and the largest work block)
 ALL_ROWS = slice(None)  # a read of an entry held whole
+# outputs this large are written with O_DIRECT: copying them into the page cache cost more CPU than
+# the merge (1B triple, TA: 4.2-4.6 s of system time buffered, 1.7 s direct)
+DIRECT_WRITE_BYTES = 256 * 2**20
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -185,6 +188,7 @@ class Budget:
     hold: int = 0
     band_cap: int | None = None  # entries a top-k band may gather (None: the TopK default)
     direct: bool = False  # read row blocks with direct I/O (inputs too large to stay in the page cache)
+    direct_write: bool = False  # write the output with direct I/O (large outputs)
 
 
 IN_MEMORY = Budget(max_memory=0, hold=1 << 62)
@@ -258,6 +262,7 @@ def make_job(key: int, e: Entry, s: MergeSettings, budget: Budget, deltas: list[
     else:
         grid = max(1, RANDOM_BLOCK // max(row_len, 1)) if kernel.row_local else max(rows, 1)
         randoms = _row_slices(rows, grid)
+        step = step if kernel.splits_rows else grid
         work = [(slice(r.start + b.start, r.start + b.stop), i)
                 for i, r in enumerate(randoms) for b in _row_slices(r.stop - r.start, step)]
         tail = [slice(rows + t.start, rows + t.stop) for t in _row_slices(shape[0] - rows, step)] if rows < shape[0] else []
@@ -297,8 +302,8 @@ def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.d
     """float32 copies the merge may overwrite: ``tau_k`` (delta methods) or ``theta`` (interpolations);
     and theta_B in float32 when the merge adds it back (symmetric mode), else None.
 
-    theta_B is subtracted in its stored dtype (the op widens it to float32 as it goes: the same
-    values as converting it first, without a float32 copy of it).
+    A theta_B used once is subtracted in its stored dtype (the op widens it to float32 as it goes:
+    the same values as converting it first, without a float32 copy of it).
     """
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, torch.float32, copy=True)
@@ -309,14 +314,18 @@ def _operands(inp: Inputs, s: MergeSettings, deltas: list[bool], device: torch.d
     sources = ([(inp.vlm, False)] if symmetric else []) + list(zip(inp.experts, deltas))
     if inp.base is None and not all(d for _, d in sources):
         raise SkillgraftError(f"method {s.method.name} needs the base's tensor; give the base model")
-    base = None if inp.base is None else (inp.base.to(device, torch.float32) if symmetric else inp.base.to(device))
+    uses = sum(not d for _, d in sources) + symmetric  # subtractions, and the add-back in symmetric mode
+    if inp.base is None:
+        base = None
+    else:  # widened once when used more than once, else by the one op that uses it
+        base = inp.base.to(device, torch.float32) if uses > 1 else inp.base.to(device)
     out = []
     for x, is_delta in sources:
         t = f32(x)
         if not is_delta:
             t.sub_(base)
         out.append(t)
-    return out, base if symmetric else None
+    return out, base.to(torch.float32) if symmetric else None
 
 
 class _Randoms:
@@ -339,10 +348,12 @@ class _Randoms:
         return self.streams
 
 
-def _check_finite(job: Job, inp: Inputs, merged: torch.Tensor, where: Callable[[str, int], str]) -> None:
-    """Refuse a block whose result is NaN/Inf or overflows the output dtype (one reduction per block);
-    only then look for the culprit among the inputs."""
-    if merged.numel() == 0:
+def _check_finite(job: Job, inp: Inputs, merged: torch.Tensor, out: torch.Tensor,
+                  where: Callable[[str, int], str]) -> None:
+    """Refuse a block whose result ``out`` (``merged`` cast to the output dtype) holds NaN or Inf: one
+    float32 sum of ``out`` per block (finite only if every entry is); only if it is not, the exact
+    look (a sum may overflow from finite entries) and the search for the culprit among the inputs."""
+    if merged.numel() == 0 or bool(torch.isfinite(out.sum(dtype=torch.float32))):
         return
     lo, hi = torch.aminmax(merged)
     ends = torch.stack([lo, hi])
@@ -403,8 +414,9 @@ def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write) -> None:
 def _apply_and_check(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice, device: torch.device,
                      where: Callable[[str, int], str], index: int) -> tuple[torch.Tensor, Norms]:
     merged, part = _apply_block(job, inp, s, streams, blk, device, index)
-    _check_finite(job, inp, merged, where)
-    return merged.to(job.out_dtype), part
+    out = merged.to(job.out_dtype)
+    _check_finite(job, inp, merged, out, where)
+    return out, part
 
 
 def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, device: torch.device, write: Write,
@@ -543,8 +555,9 @@ def plan_budget(plan: Plan, s: MergeSettings, max_memory: int | None = None, wor
                     f"{_gb(max(rest, 0))}; raise max_memory or exclude that tensor")
     # inputs larger than half the memory available would not stay in the page cache: read them directly
     inputs = sum(_itemsize(plan, ("vlm", "base", "experts"), e) * math.prod(e.shape) for e in merged)
+    output = sum(output_dtype(e, s.dtype).itemsize * math.prod(e.shape) for e in plan.entries)
     return Budget(total, block, ahead, hold=max(0, (3 * rest) // 4 - (rest // 4 if topks else 0)), band_cap=band_cap,
-                  direct=inputs > available_bytes() // 2)
+                  direct=inputs > available_bytes() // 2, direct_write=output >= DIRECT_WRITE_BYTES)
 
 
 def _gb(n: int) -> str:
@@ -690,7 +703,8 @@ def run(
     ``budget`` sets block size, read-ahead and hold limit directly instead. ``workers``: blocks merged
     at once, each in its own thread (the torch ops inside use torch's intra-op threads: with several
     workers, one intra-op thread each is best). When the inputs are too large to stay in the page
-    cache, reads and ``writer`` use direct I/O. Changes no process-wide setting (allocator, threads).
+    cache, reads use direct I/O, and so does ``writer`` for outputs over ``DIRECT_WRITE_BYTES``.
+    Changes no process-wide setting (allocator, threads).
     """
     dev = torch.device(device)
     workers = max(1, int(workers))
@@ -701,7 +715,7 @@ def run(
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
     labels = [ck.label for ck in plan.experts]
     source = FileSource(plan, direct=budget.direct)
-    writer.direct = writer.direct or budget.direct
+    writer.direct = writer.direct or budget.direct or budget.direct_write
     with ThreadPoolExecutor(1, thread_name_prefix="sg-read") as readers, ThreadPoolExecutor(
         1, thread_name_prefix="sg-write"
     ) as writers, ThreadPoolExecutor(workers, thread_name_prefix="sg-merge") as mergers:

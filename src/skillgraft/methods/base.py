@@ -251,6 +251,8 @@ class TensorMerge:
         self.random = bool(self.drawers)
         self.draw_kind = sp.draws(params)
         self.row_local = sp.row_local(params)
+        # blocks of whole rows may be cut smaller, except a 1-D tensor whose "row" is the whole of it
+        self.splits_rows = not (sp.ranks_rows and len(shape) == 1 and any(thinned))
         self.whole_matrix = parts.combiner.whole_matrix(shape)
         self.needs_sample = sp.needs_sample and any(thinned) and self.n > EXACT_BELOW
         self.combine = parts.combiner.start(shape, self.weights, params)

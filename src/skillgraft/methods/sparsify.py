@@ -171,6 +171,7 @@ class Sparsifier:
     random: bool = False
     needs_sample: bool = False  # a top-k threshold: brackets it with a sample of the vector
     words: bool = False  # a scalar keep probability: the 'uniform' sampler may use 32-bit words
+    ranks_rows: bool = False  # ranks entries within rows, a 1-D tensor being one row
     stats: str = ""  # the whole-tensor statistic it gathers in a first pass, if any (for the plan and docs)
 
     def start(self, n: int, density: float, params: dict[str, Any], sample: Tensor | None = None) -> _Vector:
@@ -226,7 +227,7 @@ MAGNITUDE = Sparsifier("magnitude", (), _magnitude, needs_sample=True, stats="a 
 OUTLIERS = Sparsifier("outliers", (GAMMA,), _outliers, needs_sample=True,
                       stats="two top-k thresholds per task vector")
 DARE = Sparsifier("dare", (RESCALE, SAMPLER), _dare, random=True, words=True)
-DELLA = Sparsifier("della", (EPSILON, RESCALE, SAMPLER), _della, random=True)
+DELLA = Sparsifier("della", (EPSILON, RESCALE, SAMPLER), _della, random=True, ranks_rows=True)
 
 
 # ----------------------------------------------------------------------------------- helpers
