@@ -7,6 +7,7 @@ so that the import direction stays cli -> api -> (pipeline, sweep) -> (engine, m
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,13 +21,15 @@ from .defaults import DEFAULT_SHARD_SIZE
 from .errors import SkillgraftError
 from .io.outdir import atomic_output_dir, check_output_dir, copy_side_files
 from .io.reader import CheckpointReader
-from .io.resolve import resolve_checkpoint
+from .io.resolve import Resolved, resolve
 from .io.writer import ShardedWriter, parse_size
 from .mapping.plan import Plan, build_plan
 from .methods import METHODS
 from .recipe import Recipe
 from .schedule import is_excluded, module_kind, validate_exclude
-from .report import build_report, model_card, write_json
+from .report import build_report, model_card, vlm_card_metadata, write_json
+
+log = logging.getLogger("skillgraft")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Prepared:
     settings: MergeSettings
     paths: dict[str, Path]
     warnings: list[str] = field(default_factory=list)
+    resolved: dict[str, Resolved] = field(default_factory=dict)   # by role label: vlm, base, expert labels
 
 
 @dataclass
@@ -53,7 +57,7 @@ def check_device(device: str) -> str:
     except RuntimeError:
         raise SkillgraftError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SkillgraftError("--device cuda requested but no CUDA GPU is available")
+        raise SkillgraftError(f"device {device!r} requested but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda"):
         raise SkillgraftError(f"unsupported device {device!r} (use cpu, cuda or cuda:N)")
     return device
@@ -72,9 +76,9 @@ def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
     except ValueError as e:
         raise SkillgraftError(str(e)) from None
     if method.needs_base and recipe.base is None:
-        raise SkillgraftError(
-            f"method {method.name} needs --base: the LLM that both the VLM's language model and the expert derive from"
-        )
+        why = "the LLM that both the VLM's language model and the expert derive from"
+        raise SkillgraftError(f"method {method.name} needs a base model: {why}",
+                              cli=f"method {method.name} needs --base: {why}")
     if not method.uses_density and any(e.density < 1 for e in recipe.experts):
         warnings.append(f"method {method.name} ignores density; use dare, ties or dare_ties to sparsify")
     settings = MergeSettings(
@@ -102,15 +106,18 @@ def _exclusion(exclude: list[str]):
 def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) -> Prepared:
     """Resolve checkpoints, open them lazily, build and validate the plan. No weight is read."""
     settings, warnings = _settings(recipe)
-    paths = {"vlm": resolve_checkpoint(recipe.vlm, "vlm")}
+    resolved = {"vlm": resolve(recipe.vlm, "vlm")}
     labels = [e.label for e in recipe.experts]
     if len(set(labels)) != len(labels):
         raise SkillgraftError(f"two experts share the label {labels[0]!r}; give each a distinct name")
     for e in recipe.experts:
-        paths[e.label] = resolve_checkpoint(e.model, "expert")
+        resolved[e.label] = resolve(e.model, "expert")
     use_base = settings.method.needs_base and recipe.base is not None
     if use_base:
-        paths["base"] = resolve_checkpoint(recipe.base, "base")
+        resolved["base"] = resolve(recipe.base, "base")
+    for role, r in resolved.items():
+        log.info("%s: %s", role, r.path if r.repo_id is None else f"{r.repo_id} at {r.commit or r.revision} ({r.path})")
+    paths = {k: r.path for k, r in resolved.items()}
     readers = {k: stack.enter_context(CheckpointReader(p)) for k, p in paths.items()}
     plan = build_plan(
         readers["vlm"],
@@ -126,7 +133,10 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
                 settings.expert_weights(e)
     except ValueError as err:
         raise SkillgraftError(str(err)) from None
-    return Prepared(recipe, plan, settings, paths, warnings + plan.warnings)
+    c = plan.counts()
+    log.info("plan: %d tensors, %d merged (%d row-sliced), %d copied; %d decoder layers",
+             c["total"], c["merged"], c["row_sliced"], c["copied"], plan.n_layers)
+    return Prepared(recipe, plan, settings, paths, warnings + plan.warnings, resolved)
 
 
 def plan_only(recipe: Recipe, *, allow_unmatched: bool = False) -> Plan:
@@ -135,9 +145,14 @@ def plan_only(recipe: Recipe, *, allow_unmatched: bool = False) -> Plan:
         return prepare(recipe, stack, allow_unmatched=allow_unmatched).plan
 
 
-def recipe_with_absolute_paths(recipe: Recipe) -> Recipe:
-    """The recipe with local checkpoints as absolute paths, so it reproduces from any directory."""
+def recipe_with_absolute_paths(recipe: Recipe, resolved: dict[str, Resolved] | None = None) -> Recipe:
+    """The recipe with local checkpoints as absolute paths, so it reproduces from any directory, and
+    hub inputs in ``resolved`` (keyed by reference) pinned to their commit (``org/name@<commit>``)."""
+    pins = {r.ref: r.pinned for r in (resolved or {}).values()}
+
     def fix(ref: str) -> str:
+        if ref in pins:
+            return pins[ref]
         p = Path(ref).expanduser()
         return str(p.resolve()) if p.is_dir() else ref
 
@@ -174,7 +189,11 @@ def inject(
     allow_unmatched: bool = False,
     on_warning: Any = None,
 ) -> InjectResult:
-    """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically."""
+    """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically.
+
+    Warnings (weights that look unrelated to the base, ignored settings) go to the ``skillgraft``
+    logger, or to ``on_warning(message)`` when given; the report lists them too.
+    """
     out = Path(out)
     check_device(device)
     max_shard = parse_size(shard_size)
@@ -185,6 +204,8 @@ def inject(
         for w in warnings:
             if on_warning is not None:
                 on_warning(w)
+            else:
+                log.warning(w)
         start = time.perf_counter()
         with atomic_output_dir(out, force) as tmp:
             writer = ShardedWriter(tmp, output_specs(prep.plan, recipe.dtype), max_shard)
@@ -192,7 +213,7 @@ def inject(
             files = writer.finish()
             side = copy_side_files(prep.paths["vlm"], tmp)
             _update_config_dtype(tmp, recipe.dtype)
-            saved = recipe_with_absolute_paths(recipe)
+            saved = recipe_with_absolute_paths(recipe, prep.resolved)
             saved.save(tmp / "skillgraft_recipe.yaml")
             prep.plan.warnings = warnings
             report = build_report(
@@ -208,6 +229,7 @@ def inject(
                     "copied_files": side,
                 },
             )
-            (tmp / "README.md").write_text(model_card(saved, report))
+            card = model_card(saved, report, prep.resolved, vlm_card_metadata(prep.paths["vlm"]))
+            (tmp / "README.md").write_text(card)
             write_json(tmp / "skillgraft_report.json", report)
     return InjectResult(out, report)

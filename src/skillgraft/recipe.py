@@ -34,7 +34,13 @@ class ExpertSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.model.rstrip("/")).name or self.model
+        if self.name:
+            return self.name
+        ref = self.model.rstrip("/")
+        name = Path(ref).name or self.model
+        if "@" in name and not Path(ref).expanduser().is_dir():  # a hub id's revision is not part of its name
+            name = name.split("@", 1)[0]
+        return name
 
 
 class Recipe(BaseModel):

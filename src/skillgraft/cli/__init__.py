@@ -13,7 +13,7 @@ import sys
 from ..version import __version__
 from ..errors import SkillgraftError
 from . import demo, evaluate, inject, methods, report, sweep, zoo
-from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser
+from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser, configure_output
 
 COMMANDS = (inject, methods, sweep, report, demo, zoo, evaluate)
 
@@ -34,11 +34,12 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `skillgraft` console script."""
     args = build_parser().parse_args(argv)
+    configure_output(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args) or 0)
     except SkillgraftError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.for_cli()}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left in the output directory", file=sys.stderr)

@@ -6,6 +6,8 @@ Nothing here imports torch: ``skillgraft --help`` and ``--version`` build every 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -26,6 +28,53 @@ class Parser(argparse.ArgumentParser):
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    """``-v`` (more detail, repeatable) and ``-q`` (no progress bars, no library chatter)."""
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="say more: resolved checkpoints, the plan's counts (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars, and quiet transformers' own loading bars and logs")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: a log file gets no carriage-return bars."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+class _StderrHandler(logging.Handler):
+    """``warning: ...`` / ``error: ...`` lines on whatever ``sys.stderr`` is at the time of the call."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
+        print(prefix + record.getMessage(), file=sys.stderr)
+
+
+_handler = _StderrHandler()
+
+
+def configure_output(verbose: int = 0, quiet: bool = False) -> None:
+    """The CLI's logging: skillgraft's logger to stderr (warnings always; -v info, -vv debug), and
+    transformers / huggingface_hub progress bars and logs off with -q or when stderr is not a terminal."""
+    logger = logging.getLogger("skillgraft")
+    if _handler not in logger.handlers:
+        logger.addHandler(_handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    bars = not quiet and sys.stderr.isatty()
+    if not bars:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if quiet:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "transformers" in sys.modules:  # already imported (the CLI called in-process): tell it directly
+        from transformers.utils import logging as tf_logging
+
+        if not bars:
+            tf_logging.disable_progress_bar()
+        if quiet:
+            tf_logging.set_verbosity_error()
 
 
 def floats(text: str) -> float | list[float]:

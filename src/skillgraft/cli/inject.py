@@ -6,7 +6,7 @@ import argparse
 
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..errors import SkillgraftError
-from .args import add_recipe_args, floats, recipe_from_args, warn
+from .args import add_recipe_args, add_verbosity, floats, recipe_from_args, show_progress, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit without reading weights")
     p.add_argument("-o", "--out", help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the finished output to this hub model repository "
+                   "(org/name; created if missing; needs a hub token)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    add_verbosity(p)
     p.set_defaults(func=run)
 
 
@@ -45,19 +48,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise SkillgraftError("give an output directory with -o OUT")
+    if args.push_to_hub:
+        from ..io.push import check_pushable
+
+        check_pushable(args.push_to_hub)  # before the merge, not after an hour of it
     result = inject(
         recipe,
         args.out,
         force=args.force,
         device=args.device,
         shard_size=args.shard_size,
-        progress=not args.quiet,
+        progress=show_progress(args),
         allow_unmatched=args.allow_unmatched,
-        on_warning=warn,
     )
     c = result.report["counts"]
     print(
         f"wrote {result.out_dir}: {c['merged']} tensors merged ({c['row_sliced']} row-sliced), "
         f"{c['copied']} copied, {result.report['seconds']:.1f} s"
     )
+    if args.push_to_hub:
+        from ..io.push import push_to_hub
+
+        print(f"pushed to {args.push_to_hub}: {push_to_hub(result.out_dir, args.push_to_hub, private=args.private)}")
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
-from .args import EXIT_INTERRUPTED, add_recipe_args, parse_assignment, recipe_from_args
+from .args import EXIT_INTERRUPTED, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
 
 EVALUATORS = ("microworld", "jsonl", "command", "python")
 
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray-gpus-per-trial", type=float, default=0.0)
     r.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     p.add_argument("-o", "--out", required=True, help="sweep directory (created; resumed when it holds a sweep)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines")
+    add_verbosity(p)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import Parser
+from .args import Parser, add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     zb.add_argument("--out", required=True, help="directory for the rebuilt checkpoints")
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--quick", action="store_true", help="a shrunken few-step smoke build")
-    zb.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity(zb)
     zb.set_defaults(func=run_build)
 
 
@@ -32,7 +32,7 @@ def run_path(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     from ..microworld.build import build_zoo  # torch: imported when the command runs
 
-    timings = build_zoo(Path(args.out), seed=args.seed, quick=args.quick, progress=not args.quiet)
+    timings = build_zoo(Path(args.out), seed=args.seed, quick=args.quick, progress=show_progress(args))
     for name, seconds in timings.items():
         print(f"{name:22} {seconds:8.1f} s")
     return 0

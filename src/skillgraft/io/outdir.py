@@ -20,7 +20,8 @@ def check_output_dir(out: Path, force: bool) -> None:
         if not out.is_dir():
             raise SkillgraftError(f"output {out} exists and is not a directory")
         if any(out.iterdir()) and not force:
-            raise SkillgraftError(f"output directory {out} exists and is not empty; pass --force to replace it")
+            what = f"output directory {out} exists and is not empty"
+            raise SkillgraftError(f"{what}; pass force=True to replace it", cli=f"{what}; pass --force to replace it")
 
 
 @contextmanager

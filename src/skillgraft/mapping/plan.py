@@ -162,10 +162,10 @@ def build_plan(
             )
         )
     if unmatched and not allow_unmatched:
-        raise SkillgraftError(
-            f"{len(unmatched)} language-model tensor(s) of the VLM have no counterpart, e.g. {unmatched[0]}; "
-            f"check that the expert shares the VLM's LM architecture, or pass --allow-unmatched to copy them from the VLM"
-        )
+        what = (f"{len(unmatched)} language-model tensor(s) of the VLM have no counterpart, e.g. {unmatched[0]}; "
+                f"check that the expert shares the VLM's LM architecture, or")
+        raise SkillgraftError(f"{what} set allow_unmatched=True to copy them from the VLM",
+                              cli=f"{what} pass --allow-unmatched to copy them from the VLM")
     unused = {
         ck.label: sorted(set(ck.rel.values()) - used[ck.label])
         for ck in sources
