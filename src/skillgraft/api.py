@@ -1,10 +1,13 @@
-"""The Python API: plan and run an injection from a recipe.
+"""The Python API: plan and run an injection from a recipe, push it to the hub, sweep its settings.
 
-    from skillgraft.api import inject
-    from skillgraft.recipe import Recipe, ExpertSpec
+    from skillgraft import inject, Recipe, ExpertSpec
     inject(Recipe(vlm="vlm/", base="base/", experts=[ExpertSpec(model="expert/", scale=0.8)]), "out/")
+
+Warnings go to the ``skillgraft`` logger (``logging``); failures raise ``skillgraft.SkillgraftError``
+with a one-line message.
 """
 
+from .io.push import push_to_hub
 from .pipeline import (
     DEFAULT_SHARD_SIZE,
     InjectResult,
@@ -16,6 +19,7 @@ from .pipeline import (
     recipe_with_absolute_paths,
 )
 from .recipe import ExpertSpec, Recipe
+from .sweep.runner import SweepConfig, SweepResult, run_sweep
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -23,9 +27,13 @@ __all__ = [
     "InjectResult",
     "Prepared",
     "Recipe",
+    "SweepConfig",
+    "SweepResult",
     "check_device",
     "inject",
     "plan_only",
     "prepare",
+    "push_to_hub",
     "recipe_with_absolute_paths",
+    "run_sweep",
 ]

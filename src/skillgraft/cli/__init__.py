@@ -12,6 +12,7 @@ import sys
 
 from ..version import __version__
 from ..errors import SkillgraftError
+from ..extras import missing_extra_message
 from . import demo, evaluate, inject, methods, report, sweep, zoo
 from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser, configure_output
 
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left in the output directory", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as e:  # an optional dependency: name the extra that brings it
+        msg = missing_extra_message(e.name or "", f"skillgraft {args.command}")
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as e:
         print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE

@@ -59,11 +59,15 @@ class SweepResult:
 
 
 def _abs_recipe(recipe: Recipe) -> Recipe:
+    """Local paths made absolute and hub inputs pinned to their commits (a resumed sweep keeps its models)."""
     from ..pipeline import recipe_with_absolute_paths
-    from ..io.resolve import resolve_checkpoint
+    from ..io.resolve import resolve
 
-    resolve_checkpoint(recipe.vlm, "vlm")  # fail early on a missing VLM
-    return recipe_with_absolute_paths(recipe)
+    resolved = {"vlm": resolve(recipe.vlm, "vlm")}  # fail early on a missing VLM
+    resolved.update({f"expert {i}": resolve(e.model, "expert") for i, e in enumerate(recipe.experts)})
+    if recipe.base is not None:
+        resolved["base"] = resolve(recipe.base, "base")
+    return recipe_with_absolute_paths(recipe, resolved)
 
 
 def identity(cfg: SweepConfig, recipe: Recipe) -> dict[str, Any]:
@@ -123,7 +127,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     recipe = _abs_recipe(cfg.recipe)
     evaluator = make_evaluator(cfg.evaluator)
     cfg.objective.check(evaluator.scenarios())
-    search = make_search(cfg.search, cfg.space, cfg.trials, cfg.search_seed)
+    search = make_search(cfg.search, cfg.space, cfg.trials, cfg.search_seed, storage_dir=out)
     if out.exists() and not out.is_dir():
         raise SkillgraftError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "sweep.db").is_file():
@@ -137,6 +141,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
         store.set_meta("recipe", recipe.model_dump(mode="json"))
         store.set_meta("evaluator", cfg.evaluator)
         store.set_meta("objective", cfg.objective.to_json())
+        store.set_meta("item_counts", evaluator.item_counts())
         runs = store.get_meta("runs", [])
         runs.append({"started": time.time(), "version": __version__, "search": cfg.search, "inplace": inplace,
                      "ray_address": cfg.ray_address, "python": platform.python_version()})
@@ -195,7 +200,9 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
                 o, tg, r, f = objective.score(t.scores, base.scores)
                 store.rescore(t.key, objective=o, target=tg, retention=r, feasible=f)
         say("baseline " + _fmt_scores(base.scores))
-        search.replay([(t.params, t.objective) for t in store.trials() if t.objective is not None])
+        finished = [t for t in store.trials() if t.objective is not None]
+        search.replay([(t.params, t.objective) for t in finished],
+                      [{"target": t.target, "shortfall": objective.shortfall(t.retention)} for t in finished])
 
         computed = reused = failed = 0
         waiting: dict[str, list[dict[str, Any]]] = {}  # key -> points asked while it was in flight
@@ -221,7 +228,7 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
                 old = store.done(key)
                 if old is not None:
                     reused += 1
-                    search.tell(p, old.objective)
+                    search.tell(p, old.objective, target=old.target, shortfall=objective.shortfall(old.retention))
                     continue
                 store.start(key, p, search=cfg.search, backend=backend, seed=cfg.recipe.seed if "seed" not in p else p["seed"],
                             version=__version__)
@@ -247,7 +254,7 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
             say(f"[{seen}/{n_total}] {describe(pts[0])}  {_fmt_scores(scores)}  target {tg:.3f}{ret}"
                 f"{'' if f else ' (infeasible)'}  {timings.get('total_s', 0):.1f}s")
             for p in pts:
-                search.tell(p, o)
+                search.tell(p, o, target=tg, shortfall=objective.shortfall(r))
         return computed, reused, failed
     finally:
         if pool is not None:
