@@ -23,6 +23,7 @@ _LAZY: dict[str, str] = {
     "Recipe": "skillgraft.recipe",
     "ExpertSpec": "skillgraft.recipe",
     "SkillgraftError": "skillgraft.errors",
+    "convert_mergekit": "skillgraft.api",
     "run_sweep": "skillgraft.api",
     "SweepConfig": "skillgraft.api",
 }
@@ -30,7 +31,7 @@ _LAZY: dict[str, str] = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import InjectResult, SweepConfig, inject, plan_only, push_to_hub, run_sweep
+    from .api import InjectResult, SweepConfig, convert_mergekit, inject, plan_only, push_to_hub, run_sweep
     from .errors import SkillgraftError
     from .recipe import ExpertSpec, Recipe
 

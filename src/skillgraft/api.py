@@ -7,6 +7,7 @@ Warnings go to the ``skillgraft`` logger (``logging``); failures raise ``skillgr
 with a one-line message.
 """
 
+from .convert.mergekit import convert_mergekit
 from .io.push import push_to_hub
 from .pipeline import (
     DEFAULT_SHARD_SIZE,
@@ -30,6 +31,7 @@ __all__ = [
     "SweepConfig",
     "SweepResult",
     "check_device",
+    "convert_mergekit",
     "inject",
     "plan_only",
     "prepare",

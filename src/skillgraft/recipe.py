@@ -100,6 +100,12 @@ class Recipe(BaseModel):
             raise SkillgraftError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise SkillgraftError(f"{source}: expected a mapping with keys vlm, base, experts, ...")
+        if "merge_method" in data and "experts" not in data:
+            raise SkillgraftError(
+                f"{source} is a mergekit config; convert it with skillgraft.convert_mergekit({source!r}, vlm=VLM)",
+                cli=f"{source} is a mergekit config; give the VLM to merge into with --vlm VLM "
+                f"(or write a recipe: skillgraft convert {source} --vlm VLM -o recipe.yaml)",
+            )
         return cls.from_dict(data, source)
 
     @classmethod

@@ -13,10 +13,10 @@ import sys
 from ..version import __version__
 from ..errors import SkillgraftError
 from ..extras import missing_extra_message
-from . import demo, evaluate, inject, methods, report, sweep, zoo
+from . import convert, demo, evaluate, inject, methods, report, sweep, zoo
 from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser, configure_output
 
-COMMANDS = (inject, methods, sweep, report, demo, zoo, evaluate)
+COMMANDS = (inject, convert, methods, sweep, report, demo, zoo, evaluate)
 
 
 def build_parser() -> Parser:

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import SkillgraftError
@@ -104,7 +105,10 @@ def add_recipe_args(p: argparse.ArgumentParser, *, vlm_help: str, expert_help: s
     p.add_argument("vlm", nargs="?", help=vlm_help)
     p.add_argument("expert", nargs="?", help=expert_help)
     p.add_argument("--base", help="base LLM both derive from (needed by every task-vector method)")
-    p.add_argument("--recipe", help="YAML recipe (several experts, per-expert scale/density); replaces VLM EXPERT")
+    p.add_argument("--recipe", help="YAML recipe (several experts, per-expert scale/density) or a mergekit config "
+                   "(with --vlm); replaces VLM EXPERT")
+    p.add_argument("--vlm", dest="vlm_flag", metavar="VLM",
+                   help="with a mergekit config as --recipe: the VLM to merge into")
     p.add_argument("--mode", choices=["inject", "symmetric"], help="inject (default): VLM kept whole")
     p.add_argument("--exclude", action="append", default=[], metavar="KINDS",
                    help="keep these LM modules from the VLM: attention, mlp, norm, embed, lm_head or a regex "
@@ -140,7 +144,7 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
     if args.recipe:
         if args.vlm or args.expert:
             raise SkillgraftError("give either --recipe or VLM EXPERT, not both")
-        data = Recipe.load(args.recipe).model_dump()
+        data = _load_recipe_file(args.recipe, getattr(args, "vlm_flag", None)).model_dump()
         if args.base:
             data["base"] = args.base
         for e in data["experts"]:
@@ -149,6 +153,8 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
         data.update(overrides)
         data["parameters"] = {**data.get("parameters", {}), **params}
         return Recipe.from_dict(data, args.recipe)
+    if getattr(args, "vlm_flag", None):
+        raise SkillgraftError("--vlm goes with a mergekit config as --recipe; otherwise give VLM EXPERT")
     if not args.vlm or not args.expert:
         raise SkillgraftError("give VLM and EXPERT checkpoints (or --recipe FILE)")
     expert: dict[str, Any] = {"model": args.expert}
@@ -158,3 +164,25 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
         expert["density"] = density
     data = {"vlm": args.vlm, "base": args.base, "experts": [expert], "parameters": params, **overrides}
     return Recipe.from_dict(data, "arguments")
+
+
+def _load_recipe_file(path: str, vlm: str | None):
+    """A skillgraft recipe, or a mergekit config converted with ``vlm`` as the model merged into."""
+    import yaml
+
+    from ..recipe import Recipe
+
+    p = Path(path)
+    if vlm is None:
+        return Recipe.load(p)
+    if not p.is_file():
+        raise SkillgraftError(f"recipe file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SkillgraftError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from ..convert.mergekit import convert_mergekit, is_mergekit_config
+
+    if not is_mergekit_config(data):
+        raise SkillgraftError(f"{p} is a skillgraft recipe, which names its VLM itself; drop --vlm")
+    return convert_mergekit(data, vlm, source=str(p))
