@@ -373,42 +373,6 @@ def _prefetch(plan: Plan, entries: Iterable[Entry], pool: ThreadPoolExecutor) ->
         yield ready
 
 
-CHECK_ELEMENTS = 1 << 20
-
-
-def unrelated_weights_check(plan: Plan, samples: int = 3) -> list[str]:
-    """Warnings for experts (or the VLM) whose sampled deltas to the base look unlike a fine-tune.
-
-    Reads a few 2-D tensors before the run; fine-tunes move weights by a few percent, unrelated
-    models of the same shape by about sqrt(2).
-    """
-    if plan.base is None:
-        return []
-    merged = [e for e in plan.entries if e.action == "merge" and len(e.shape) == 2 and e.rows is None]
-    if not merged:
-        return []
-    picks = {merged[0].name: merged[0], merged[len(merged) // 2].name: merged[len(merged) // 2], merged[-1].name: merged[-1]}
-    worst: dict[str, tuple[float, str]] = {}
-    for e in list(picks.values())[:samples]:
-        # the first rows only (about CHECK_ELEMENTS entries): an embedding read whole and made
-        # float32 three times over would be the run's peak memory
-        rows = max(1, min(e.shape[0], CHECK_ELEMENTS // max(1, e.shape[1])))
-        b = plan.base.reader.get_rows(e.base_name, rows).float()
-        pairs = [("vlm", plan.vlm.reader.get_rows(e.name, rows).float())] + [
-            (ck.label, ck.reader.get_rows(n, rows).float()) for ck, n in zip(plan.experts, e.expert_names)
-        ]
-        for label, x in pairs:
-            rel = _rel_norm(x - b, b)
-            if rel > worst.get(label, (-1.0, ""))[0]:
-                worst[label] = (rel, e.lm_name or e.name)
-    return [
-        f"{label} looks unrelated to the base: relative delta norm {rel:.2f} on {name} "
-        f"(fine-tunes are usually below 0.1); is --base the model it was derived from?"
-        for label, (rel, name) in worst.items()
-        if rel > UNRELATED_DELTA
-    ]
-
-
 @dataclass
 class RunStats:
     seconds: float

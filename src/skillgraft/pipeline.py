@@ -16,14 +16,16 @@ from typing import Any
 
 import torch
 
-from .engine import MergeSettings, output_specs, run, unrelated_weights_check
+from .engine import MergeSettings, output_specs, run
 from .defaults import DEFAULT_SHARD_SIZE
 from .errors import SkillgraftError
-from .io.outdir import atomic_output_dir, check_output_dir, copy_side_files
+from .io.outdir import OutputDir, check_output_dir, copy_side_files
 from .io.reader import CheckpointReader
 from .io.resolve import Resolved, resolve
 from .io.writer import ShardedWriter, parse_size
+from .mapping.checks import unrelated_weights_check
 from .mapping.plan import Plan, build_plan
+from .mapping.vocab import check_vocabularies
 from .methods import METHODS
 from .recipe import Recipe
 from .schedule import is_excluded, module_kind, validate_exclude
@@ -61,6 +63,31 @@ def check_device(device: str) -> str:
     if dev.type not in ("cpu", "cuda"):
         raise SkillgraftError(f"unsupported device {device!r} (use cpu, cuda or cuda:N)")
     return device
+
+
+def validated(recipe: Recipe) -> Recipe:
+    """``recipe`` checked again as a whole (a recipe built with ``model_construct`` or edited skips validation)."""
+    return Recipe.from_dict(recipe.model_dump(), "recipe")
+
+
+def shard_bytes(shard_size: str | int) -> int:
+    """The maximum shard size in bytes, refused unless a positive whole number."""
+    n = parse_size(shard_size)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SkillgraftError(f"shard size must be positive, got {shard_size!r}")
+    return n
+
+
+_ROLES = {"vlm": "VLM", "base": "base"}
+
+
+def input_paths(recipe: Recipe, protect: Any = ()) -> list[tuple[str, Path]]:
+    """(role, path) of every local input a run must never write over: checkpoints and extra files."""
+    refs = [("VLM", recipe.vlm), *(("expert", e.model) for e in recipe.experts)]
+    if recipe.base is not None:
+        refs.append(("base", recipe.base))
+    out = [(role, Path(ref).expanduser()) for role, ref in refs if Path(ref).expanduser().exists()]
+    return out + [("recipe file", Path(p)) for p in protect]
 
 
 def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
@@ -104,7 +131,13 @@ def _exclusion(exclude: list[str]):
 
 
 def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) -> Prepared:
-    """Resolve checkpoints, open them lazily, build and validate the plan. No weight is read."""
+    """Resolve checkpoints, open them lazily, build and validate the plan. No weight is read.
+
+    Checks, besides the plan's structure: the VLM has a config.json, the model types agree (unless
+    ``recipe.allow_arch_mismatch``), and the tokenizers give the merged vocabulary rows the same
+    tokens (unless ``recipe.allow_vocab_mismatch``).
+    """
+    recipe = validated(recipe)
     settings, warnings = _settings(recipe)
     resolved = {"vlm": resolve(recipe.vlm, "vlm")}
     labels = [e.label for e in recipe.experts]
@@ -119,13 +152,20 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
         log.info("%s: %s", role, r.path if r.repo_id is None else f"{r.repo_id} at {r.commit or r.revision} ({r.path})")
     paths = {k: r.path for k, r in resolved.items()}
     readers = {k: stack.enter_context(CheckpointReader(p)) for k, p in paths.items()}
+    if not readers["vlm"].config:
+        raise SkillgraftError(
+            f"{paths['vlm']}: no config.json with the model's settings; the VLM must be a transformers checkpoint "
+            f"(the merged output needs its config to load)"
+        )
     plan = build_plan(
         readers["vlm"],
         [(lbl, readers[lbl]) for lbl in labels],
         readers["base"] if use_base else None,
         excluded=_exclusion(recipe.exclude),
         allow_unmatched=allow_unmatched,
+        allow_arch_mismatch=recipe.allow_arch_mismatch,
     )
+    warnings += check_vocabularies(plan, paths, allow=recipe.allow_vocab_mismatch)
     settings.n_layers = plan.n_layers
     try:
         for e in plan.entries:  # schedules and layer rules are checked against the real depth
@@ -139,10 +179,21 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
     return Prepared(recipe, plan, settings, paths, warnings + plan.warnings, resolved)
 
 
-def plan_only(recipe: Recipe, *, allow_unmatched: bool = False) -> Plan:
-    """The validated plan for ``recipe`` (what ``--dry-run`` prints)."""
+def plan_only(recipe: Recipe, *, allow_unmatched: bool = False, out: str | Path | None = None, force: bool = False,
+              shard_size: str | int = DEFAULT_SHARD_SIZE, protect: Any = ()) -> Plan:
+    """The validated plan for ``recipe`` (what ``--dry-run`` prints), after every check that reads no weight:
+    the numbers, the shard size, ``out`` (when given), the checkpoints' headers and index paths, the
+    structure of the pair and the tokenizers."""
+    recipe = validated(recipe)
+    shard_bytes(shard_size)
+    if out is not None:
+        check_output_dir(out, force, input_paths(recipe, protect))
     with ExitStack() as stack:
-        return prepare(recipe, stack, allow_unmatched=allow_unmatched).plan
+        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        if out is not None:
+            check_output_dir(out, force, [(_ROLES.get(k, "expert"), p) for k, p in prep.paths.items()])
+        prep.plan.warnings = prep.warnings
+        return prep.plan
 
 
 def recipe_with_absolute_paths(recipe: Recipe, resolved: dict[str, Resolved] | None = None) -> Recipe:
@@ -188,30 +239,36 @@ def inject(
     progress: bool = True,
     allow_unmatched: bool = False,
     on_warning: Any = None,
+    protect: Any = (),
 ) -> InjectResult:
     """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically.
 
     Warnings (weights that look unrelated to the base, ignored settings) go to the ``skillgraft``
-    logger, or to ``on_warning(message)`` when given; the report lists them too.
+    logger, or to ``on_warning(message)`` when given; the report lists them too. ``out`` is claimed
+    before any work (see ``io.outdir.OutputDir``): it must not be or hold an input (nor the files
+    in ``protect``), and ``force`` replaces only a previous skillgraft output.
     """
     out = Path(out)
+    recipe = validated(recipe)
     check_device(device)
-    max_shard = parse_size(shard_size)
-    check_output_dir(out, force)
+    max_shard = shard_bytes(shard_size)
+    say = on_warning or log.warning
     with ExitStack() as stack:
+        target = stack.enter_context(OutputDir(out, force, inputs=input_paths(recipe, protect), log=say))
         prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        target.check_inputs([(_ROLES.get(k, "expert"), p) for k, p in prep.paths.items()])
         warnings = prep.warnings + unrelated_weights_check(prep.plan)
         for w in warnings:
-            if on_warning is not None:
-                on_warning(w)
-            else:
-                log.warning(w)
+            say(w)
         start = time.perf_counter()
-        with atomic_output_dir(out, force) as tmp:
+        with target.stage() as tmp:
             writer = ShardedWriter(tmp, output_specs(prep.plan, recipe.dtype), max_shard)
             stats = run(prep.plan, prep.settings, writer, device=device, progress=progress)
             files = writer.finish()
-            side = copy_side_files(prep.paths["vlm"], tmp)
+            side, skipped = copy_side_files(prep.paths["vlm"], tmp)
+            for s in skipped:
+                warnings.append(f"not copied from the VLM: {s['name']} ({s['reason']})")
+                say(warnings[-1])
             _update_config_dtype(tmp, recipe.dtype)
             saved = recipe_with_absolute_paths(recipe, prep.resolved)
             saved.save(tmp / "skillgraft_recipe.yaml")
@@ -227,9 +284,11 @@ def inject(
                     "bytes_written": stats.bytes_written,
                     "weight_files": files,
                     "copied_files": side,
+                    "skipped_files": skipped,
                 },
             )
             card = model_card(saved, report, prep.resolved, vlm_card_metadata(prep.paths["vlm"]))
             (tmp / "README.md").write_text(card)
             write_json(tmp / "skillgraft_report.json", report)
+            report = json.loads((tmp / "skillgraft_report.json").read_text())  # as written: strict JSON
     return InjectResult(out, report)

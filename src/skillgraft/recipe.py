@@ -6,6 +6,7 @@ exactly with `skillgraft inject --recipe skillgraft_recipe.yaml -o OUT`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,12 +17,31 @@ from .errors import SkillgraftError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["inject", "symmetric"]
+MAX_WEIGHT = 100.0  # |scale|, |vlm_weight| and schedule multipliers: far past any useful merge, well short of overflow
+
+
+def _weight(v: Any, what: str) -> float:
+    """``v`` as a float when it is a finite number within +-MAX_WEIGHT, else a ValueError saying so."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"{what} must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} must be a number, got {v!r}")
+    if not math.isfinite(v) or abs(v) > MAX_WEIGHT:
+        raise ValueError(f"{what} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {v!r}")
+    return float(v)
+
+
+# Every float in a recipe is finite (pydantic refuses NaN and infinities), and assignments are validated too.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
 class ExpertSpec(BaseModel):
     """One expert LLM and how strongly its task vector is applied."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: str = Field(description="checkpoint directory or hub id of the expert LLM")
     name: str | None = Field(default=None, description="label used in reports; defaults to the directory name")
@@ -31,6 +51,13 @@ class ExpertSpec(BaseModel):
         "(values spread evenly over the decoder depth and interpolated; N values for N layers = per layer)",
     )
     density: float = Field(default=1.0, gt=0.0, le=1.0, description="fraction of the delta kept by sparsifying methods")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _finite_scale(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [_weight(x, "every scale in a schedule") for x in v]
+        return _weight(v, "scale")
 
     @property
     def label(self) -> str:
@@ -46,7 +73,7 @@ class ExpertSpec(BaseModel):
 class Recipe(BaseModel):
     """A complete merge: the VLM, its base LLM, the experts, the method and its settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     vlm: str = Field(description="target model: a VLM (or an LLM) checkpoint directory or hub id")
     base: str | None = Field(default=None, description="base LLM both the VLM's LM and the experts derive from")
@@ -71,6 +98,40 @@ class Recipe(BaseModel):
         default=None,
         description="multiplier of every expert's scale over the decoder depth (mergekit-gradient semantics)",
     )
+    allow_arch_mismatch: bool = Field(
+        default=False,
+        description="merge an expert whose model_type differs from the VLM's language model (shapes must still match)",
+    )
+    allow_vocab_mismatch: bool = Field(
+        default=False, description="merge vocabulary rows although the tokenizers assign different ids to tokens"
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _finite_parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name, x in v.items():
+            for item in x if isinstance(x, (list, tuple)) else [x]:
+                try:  # "nan" and "inf" read as words: still not finite
+                    number = float(item) if isinstance(item, (float, str)) else 0.0
+                except ValueError:
+                    continue
+                if not math.isfinite(number):
+                    raise ValueError(f"method parameter {name} must be a finite number, got {item!r}")
+        return v
+
+    @field_validator("vlm_weight")
+    @classmethod
+    def _finite_vlm_weight(cls, v: float) -> float:
+        return _weight(v, "vlm_weight")
+
+    @field_validator("schedule")
+    @classmethod
+    def _finite_schedule(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("a schedule needs at least one value")
+            v = [_weight(x, "every schedule value") for x in v]
+        return v
 
     @field_validator("experts")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,20 @@ def build_report(recipe: Recipe, plan: Plan, tensors: dict[str, dict[str, Any]],
     }
 
 
+def _strict(x: Any) -> Any:
+    """``x`` with every non-finite float spelled as a string ("nan", "inf", "-inf"): strict JSON has none."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str))
+    """Write ``data`` as strict JSON (RFC 8259: no NaN or Infinity), readable by any parser."""
+    path.write_text(json.dumps(_strict(data), indent=1, default=str, allow_nan=False))
 
 
 CARD_TAGS = ["skillgraft", "merge", "cross-modal-skill-injection"]

@@ -118,6 +118,10 @@ def add_recipe_args(p: argparse.ArgumentParser, *, vlm_help: str, expert_help: s
     p.add_argument("--seed", type=int, help="seed for random methods (default 0)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the VLM's)")
     p.add_argument("--allow-unmatched", action="store_true", help="copy VLM LM tensors that have no expert counterpart")
+    p.add_argument("--allow-arch-mismatch", action="store_true",
+                   help="merge an expert whose model_type differs from the VLM's language model (refused by default)")
+    p.add_argument("--allow-vocab-mismatch", action="store_true",
+                   help="merge vocabulary rows although the tokenizers give some ids different tokens (refused by default)")
 
 
 def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
@@ -139,6 +143,9 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
     exclude = [x.strip() for item in args.exclude for x in item.split(",") if x.strip()]
     if exclude:
         overrides["exclude"] = exclude
+    for flag in ("allow_arch_mismatch", "allow_vocab_mismatch"):
+        if getattr(args, flag, False):
+            overrides[flag] = True
     if args.schedule is not None:
         overrides["schedule"] = args.schedule if isinstance(args.schedule, list) else [args.schedule]
     if args.recipe:

@@ -24,9 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, help="fraction kept by dare/ties (default 1.0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per output shard (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit without reading weights")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything that needs no weights (numbers, OUT, shard size, headers, index paths, "
+                   "tokenizers), print the plan and exit")
     p.add_argument("-o", "--out", help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous skillgraft output (never a directory of other files or an input)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the finished output to this hub model repository "
                    "(org/name; created if missing; needs a hub token)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -40,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from ..report import plan_table
 
     recipe = recipe_from_args(args)
+    protect = [args.recipe] if args.recipe else []
     if args.dry_run:
-        plan = plan_only(recipe, allow_unmatched=args.allow_unmatched)
+        plan = plan_only(recipe, allow_unmatched=args.allow_unmatched, out=args.out, force=args.force,
+                         shard_size=args.shard_size, protect=protect)
         for w in plan.warnings:
             warn(w)
         print(plan_table(plan))
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         progress=show_progress(args),
         allow_unmatched=args.allow_unmatched,
+        protect=protect,
     )
     c = result.report["counts"]
     print(

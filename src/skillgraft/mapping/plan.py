@@ -6,6 +6,7 @@ structural mismatches (layer counts, hidden sizes, missing LM tensors) with one-
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from .layout import EMBED, HEAD, LMLayout, detect_layout, layer_count, reference
 
 _VOCAB_TENSORS = (EMBED, HEAD)
 _BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
+# model_type of a VLM's language model (after dropping a "_text" / "_text_model" suffix) -> the LLM's
+LM_MODEL_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe",
+                  "mllama": "llama"}
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,13 @@ def build_plan(
     *,
     excluded: Callable[[str], str | None] = lambda rel: None,
     allow_unmatched: bool = False,
+    allow_arch_mismatch: bool = False,
 ) -> Plan:
     """Map every VLM tensor to its sources and validate the pair(s) structurally.
 
-    ``excluded(rel)`` returns a reason string for LM-relative names to keep from the VLM.
+    ``excluded(rel)`` returns a reason string for LM-relative names to keep from the VLM. A source
+    whose model type differs from the VLM's language model is refused unless ``allow_arch_mismatch``;
+    then every tensor of it that the merge does not use is listed in a warning.
     """
     warnings: list[str] = []
     first_label, first_reader = expert_readers[0]
@@ -121,7 +128,7 @@ def build_plan(
                 f"{ck.label} has {n}; they cannot derive from the same base LLM"
             )
     _check_hidden(vlm, sources)
-    _check_model_types(vlm, sources, warnings)
+    foreign = _check_model_types(vlm, sources, allow_arch_mismatch, warnings)
 
     lm_roots = {r.split(".")[0] for ck in sources for r in ck.rel} | {"lm_head"}
     entries: list[Entry] = []
@@ -171,6 +178,9 @@ def build_plan(
         for ck in sources
         if set(ck.rel.values()) - used[ck.label]
     }
+    for label in foreign:
+        if unused.get(label):
+            warnings.append(f"{len(unused[label])} tensor(s) of {label} are not used by the merge: {', '.join(unused[label])}")
     return Plan(entries, vlm, base, experts, vlm_layers, unmatched, unused, warnings)
 
 
@@ -201,12 +211,28 @@ def _check_hidden(vlm: Checkpoint, sources: list[Checkpoint]) -> None:
             )
 
 
-def _check_model_types(vlm: Checkpoint, sources: list[Checkpoint], warnings: list[str]) -> None:
-    vt = _text_config(vlm.reader.config).get("model_type")
-    for ck in sources:
-        t = _text_config(ck.reader.config).get("model_type")
-        if vt and t and vt != t and not (vt.startswith(t) or t.startswith(vt)):
-            warnings.append(
-                f"the VLM's language model is {vt!r} but {ck.label} is {t!r}; shapes match, so merging goes on"
-            )
+def lm_model_type(config: dict) -> str | None:
+    """The LLM model_type a config's language model is (``qwen2_5_vl_text`` -> ``qwen2``), or None."""
+    t = _text_config(config).get("model_type")
+    if not isinstance(t, str) or not t:
+        return None
+    t = re.sub(r"_text(_model)?$", "", t)
+    return LM_MODEL_TYPES.get(t, t)
 
+
+def _check_model_types(vlm: Checkpoint, sources: list[Checkpoint], allow: bool, warnings: list[str]) -> list[str]:
+    """Labels of sources whose model type differs from the VLM's LM (refused unless ``allow``)."""
+    vt = lm_model_type(vlm.reader.config)
+    foreign = []
+    for ck in sources:
+        t = lm_model_type(ck.reader.config)
+        if vt is None or t is None or t == vt:
+            continue
+        if not allow:
+            raise SkillgraftError(
+                f"architecture mismatch: the VLM's language model is {vt!r} but {ck.label} is {t!r}; a task vector "
+                f"only transfers between models of one lineage. Pass --allow-arch-mismatch to merge the matching tensors anyway"
+            )
+        warnings.append(f"the VLM's language model is {vt!r} but {ck.label} is {t!r}; merging the tensors whose shapes match")
+        foreign.append(ck.label)
+    return foreign
