@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SkillgraftError as e:
-        print(f"error: {e.for_cli()}", file=sys.stderr)
+        one_line = " | ".join(line.strip() for line in e.for_cli().splitlines() if line.strip())
+        print(f"error: {one_line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left in the output directory", file=sys.stderr)

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # torch and transformers: imported when the command runs
     from ..api import check_device
+    from ..io.reader import CheckpointReader
     from ..evaluate.microworld import SCENARIOS, evaluate, format_table
 
     scenarios = None
@@ -33,10 +34,14 @@ def run(args: argparse.Namespace) -> int:
         bad = [s for s in scenarios if s not in SCENARIOS]
         if bad:
             raise SkillgraftError(f"unknown scenario {bad[0]!r}; choose from {', '.join(SCENARIOS)}")
+    if args.limit is not None and args.limit < 1:
+        raise SkillgraftError("--limit must be at least 1")
     check_device(args.device)
     from ..io.resolve import display_name, resolve_checkpoint
 
     model = resolve_checkpoint(args.model, "model")
+    with CheckpointReader(model):  # headers, index paths and pickles checked before transformers loads it
+        pass
     scores = evaluate(model, scenarios=scenarios, limit=args.limit, device=args.device, progress=show_progress(args))
     print(format_table({display_name(args.model): scores}))
     if args.json:

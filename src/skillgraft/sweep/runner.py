@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..recipe import Recipe
 from .objective import Objective
 from .search import make_search
 from .space import Space, describe, point_key
-from .store import BASELINE, Store
+from .store import BASELINE, DB_NAME, Store
 
 
 @dataclass
@@ -127,11 +128,18 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     recipe = _abs_recipe(cfg.recipe)
     evaluator = make_evaluator(cfg.evaluator)
     cfg.objective.check(evaluator.scenarios())
+    if cfg.search == "grid":
+        cfg.space.check_grid()
     search = make_search(cfg.search, cfg.space, cfg.trials, cfg.search_seed, storage_dir=out)
     if out.exists() and not out.is_dir():
         raise SkillgraftError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "sweep.db").is_file():
         raise SkillgraftError(f"{out} is not empty and holds no sweep; choose another output directory")
+    if cfg.ray_address:  # connect before anything is written: a missing Ray leaves no sweep directory behind
+        from .ray_backend import connect
+
+        connect(cfg.ray_address)
+    fresh = not out.exists()
     store = Store(out)
     try:
         _check_identity(store, identity(cfg, recipe))
@@ -155,8 +163,14 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
         done = store.trials()
         if not done and failed:
             first = store.trials(state="failed")
-            raise SkillgraftError(f"every trial failed; the first: {first[0].error if first else 'unknown error'}")
+            where = f" ({describe(first[0].params)})" if first else ""
+            error = " | ".join((first[0].error or "").splitlines()) if first else "unknown error"
+            raise SkillgraftError(f"every trial failed; the first{where}: {error}")
         best = max((t for t in done if t.objective is not None), key=lambda t: t.objective, default=None)
+    except BaseException:
+        if fresh:
+            _remove_unscored(store, out)
+        raise
     finally:
         store.close()
     if cfg.report:
@@ -166,6 +180,18 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     return SweepResult(out, computed, reused, failed, best.params if best else None,
                        "ray" if cfg.ray_address else ("in-place" if inplace else "streaming"),
                        time.perf_counter() - t_start)
+
+
+def _remove_unscored(store: Store, out: Path) -> None:
+    """Remove a sweep directory this run created when nothing was scored and it holds nothing but its store."""
+    try:
+        if store.trials(state="done", include_baseline=True):
+            return
+    except Exception:  # a store that cannot be read is no reason to hide the original error
+        return
+    store.close()
+    if all(p.name.startswith((DB_NAME, "optuna.db")) for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, Any],
@@ -192,7 +218,13 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
         if base is None:
             say("scoring the VLM alone (the baseline)")
             store.start(BASELINE, {"baseline": True}, search="baseline", backend=backend, seed=None, version=__version__)
-            scores, timings = get_pool().baseline()
+            try:
+                scores, timings = get_pool().baseline()
+            except (KeyboardInterrupt, SystemExit, SkillgraftError):
+                raise
+            except Exception as e:  # the evaluator, not skillgraft, failed: say so in one line
+                store.fail(BASELINE, f"{type(e).__name__}: {e}")
+                raise SkillgraftError(f"the evaluator failed on the baseline (the VLM alone): {_one_line(e)}") from None
             store.finish(BASELINE, scores, timings, objective=None, target=None, retention=None, feasible=None)
             base = store.baseline()
             # a baseline from a fresh run: the derived columns of older trials (none, usually) follow it
@@ -259,6 +291,11 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
     finally:
         if pool is not None:
             pool.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 def _fmt_scores(scores: dict[str, float]) -> str:
