@@ -12,6 +12,7 @@ are not counted as differences. A checkpoint without any of these files is repor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -25,10 +26,6 @@ VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
 _PLACEHOLDER = re.compile(r"^(<unused\d+>|\[unused\d+\]|<\|reserved_special_token_\d+\|>|<extra_id_\d+>|<\|extra_\d+\|>)$")
 
 
-def _load_json(path: Path) -> object:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _ids_of(mapping: object) -> dict[int, str]:
     """id -> token from a {token: id} mapping, ignoring malformed pairs."""
     if not isinstance(mapping, dict):
@@ -36,37 +33,38 @@ def _ids_of(mapping: object) -> dict[int, str]:
     return {i: t for t, i in mapping.items() if isinstance(t, str) and type(i) is int}
 
 
-def read_vocab(root: Path) -> tuple[dict[int, str], str] | None:
-    """(id -> token, the file it came from) for a checkpoint directory; None when it has no vocabulary file.
-
-    Raises ValueError (or OSError) for a file that exists but cannot be read as a vocabulary.
-    """
-    found = {name: checkpoint_file(root, name) for name in VOCAB_FILES}
-    found = {k: v for k, v in found.items() if v is not None and v.is_file()}
-    if "tokenizer.json" in found:
-        data = _load_json(found["tokenizer.json"])
-        model = data.get("model") if isinstance(data, dict) else None
-        if not isinstance(model, dict):
-            raise ValueError("no 'model' section")
-        vocab = model.get("vocab")
-        if isinstance(vocab, list):  # Unigram: [[token, score], ...], the id is the position
-            ids = {i: e[0] for i, e in enumerate(vocab) if isinstance(e, list) and e and isinstance(e[0], str)}
-        else:
-            ids = _ids_of(vocab)
-        for tok in data.get("added_tokens") or []:
-            if isinstance(tok, dict) and type(tok.get("id")) is int and isinstance(tok.get("content"), str):
-                ids[tok["id"]] = tok["content"]
-        return ids, "tokenizer.json"
-    if "vocab.json" in found:
-        ids = _ids_of(_load_json(found["vocab.json"]))
-        added = checkpoint_file(root, "added_tokens.json")
-        if added is not None and added.is_file():
-            ids.update(_ids_of(_load_json(added)))
-        return ids, "vocab.json"
-    if "vocab.txt" in found:
-        lines = found["vocab.txt"].read_text(encoding="utf-8").split("\n")
-        return {i: t for i, t in enumerate(lines) if t}, "vocab.txt"
+def vocab_file(root: Path) -> Path | None:
+    """The checkpoint's vocabulary file (the first of VOCAB_FILES present inside it), or None."""
+    for name in VOCAB_FILES:
+        path = checkpoint_file(root, name)
+        if path is not None and path.is_file():
+            return path
     return None
+
+
+def parse_vocab(path: Path, data: bytes) -> dict[int, str]:
+    """id -> token from the contents ``data`` of vocabulary file ``path`` (ValueError when malformed)."""
+    if path.name == "vocab.txt":
+        return {i: t for i, t in enumerate(data.decode("utf-8").split("\n")) if t}
+    doc = json.loads(data)
+    if path.name == "vocab.json":
+        ids = _ids_of(doc)
+        added = checkpoint_file(path.parent, "added_tokens.json")
+        if added is not None and added.is_file():
+            ids.update(_ids_of(json.loads(added.read_bytes())))
+        return ids
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError("no 'model' section")
+    vocab = model.get("vocab")
+    if isinstance(vocab, list):  # Unigram: [[token, score], ...], the id is the position
+        ids = {i: e[0] for i, e in enumerate(vocab) if isinstance(e, list) and e and isinstance(e[0], str)}
+    else:
+        ids = _ids_of(vocab)
+    for tok in doc.get("added_tokens") or []:
+        if isinstance(tok, dict) and type(tok.get("id")) is int and isinstance(tok.get("content"), str):
+            ids[tok["id"]] = tok["content"]
+    return ids
 
 
 def merged_vocab_rows(plan: Plan) -> int:
@@ -88,19 +86,23 @@ def check_vocabularies(plan: Plan, dirs: dict[str, Path], *, allow: bool = False
     if rows == 0:
         return []
     names = {"vlm": "the VLM", "base": "the base"}  # experts: by label
-    vocabs: dict[str, tuple[dict[int, str], str]] = {}
+    vocabs: dict[str, dict[int, str]] = {}
+    parsed: dict[tuple[str, bytes], dict[int, str]] = {}  # identical files are parsed once
     missing, warnings = [], []
     for key, d in dirs.items():
         who = names.get(key, f"expert {key!r}")
-        try:
-            got = read_vocab(Path(d))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            warnings.append(f"cannot read the tokenizer of {who} ({str(e).splitlines()[0][:80]}); token ids not compared")
-            continue
-        if got is None:
+        path = vocab_file(Path(d))
+        if path is None:
             missing.append(who)
-        else:
-            vocabs[who] = got
+            continue
+        try:
+            data = path.read_bytes()
+            digest = (path.name, hashlib.sha256(data).digest())
+            if digest not in parsed:
+                parsed[digest] = parse_vocab(path, data)
+            vocabs[who] = parsed[digest]
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            warnings.append(f"cannot read {path} ({str(e).splitlines()[0][:80]}); token ids not compared")
     if missing:
         warnings.append(
             f"no tokenizer file ({', '.join(VOCAB_FILES)}) for {', '.join(missing)}; the token ids of the merged "
@@ -108,8 +110,10 @@ def check_vocabularies(plan: Plan, dirs: dict[str, Path], *, allow: bool = False
         )
     if len(vocabs) < 2:
         return warnings
-    (ref_name, (ref, _)), *others = vocabs.items()
-    for name, (ids, _) in others:
+    (ref_name, ref), *others = vocabs.items()
+    for name, ids in others:
+        if ids is ref:  # the same file content
+            continue
         diff = _differences(ref, ids, rows)
         if not diff:
             continue
