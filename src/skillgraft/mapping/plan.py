@@ -229,10 +229,10 @@ def _check_model_types(vlm: Checkpoint, sources: list[Checkpoint], allow: bool, 
         if vt is None or t is None or t == vt:
             continue
         if not allow:
-            raise SkillgraftError(
-                f"architecture mismatch: the VLM's language model is {vt!r} but {ck.label} is {t!r}; a task vector "
-                f"only transfers between models of one lineage. Pass --allow-arch-mismatch to merge the matching tensors anyway"
-            )
+            what = (f"architecture mismatch: the VLM's language model is {vt!r} but {ck.label} is {t!r}; a task vector "
+                    f"only transfers between models of one lineage")
+            raise SkillgraftError(f"{what}. Set allow_arch_mismatch=True in the recipe to merge the matching tensors anyway",
+                                  cli=f"{what}. Pass --allow-arch-mismatch to merge the matching tensors anyway")
         warnings.append(f"the VLM's language model is {vt!r} but {ck.label} is {t!r}; merging the tensors whose shapes match")
         foreign.append(ck.label)
     return foreign

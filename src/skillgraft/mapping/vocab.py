@@ -122,9 +122,10 @@ def check_vocabularies(plan: Plan, dirs: dict[str, Path], *, allow: bool = False
         msg = (f"token ids differ between {ref_name} and {name} on the merged vocabulary rows: id {i} is "
                f"{ref[i]!r} in {ref_name} but {ids[i]!r} in {name}{more}")
         if not allow:
+            why = f"{msg}; merging would add embedding rows to the wrong tokens. Use checkpoints with one tokenizer"
             raise SkillgraftError(
-                f"{msg}; merging would add embedding rows to the wrong tokens. Use checkpoints with one tokenizer, "
-                f"keep embed,lm_head from the VLM, or allow it (--allow-vocab-mismatch)"
+                f"{why}, exclude embed and lm_head, or set allow_vocab_mismatch=True in the recipe",
+                cli=f"{why}, pass --exclude embed,lm_head, or --allow-vocab-mismatch",
             )
         warnings.append(msg + "; merged anyway (allow_vocab_mismatch)")
     return warnings
