@@ -5,6 +5,12 @@
 
 Warnings go to the ``skillgraft`` logger (``logging``); failures raise ``skillgraft.SkillgraftError``
 with a one-line message.
+
+Skills (an expert's task vector stored on its own, or a PEFT LoRA adapter) are experts too:
+
+    from skillgraft import SkillSettings, extract_skill
+    extract_skill("expert/", "base/", "skill/", SkillSettings(format="lowrank", rank=64))
+    inject(Recipe(vlm="vlm/", experts=[ExpertSpec(model="skill/")]), "out/")   # no base needed
 """
 
 from .convert.mergekit import convert_mergekit
@@ -20,6 +26,7 @@ from .pipeline import (
     recipe_with_absolute_paths,
 )
 from .recipe import ExpertSpec, Recipe
+from .skills import SkillSettings, export_lora, extract_skill, list_skills, skill_info
 from .sweep.runner import SweepConfig, SweepResult, run_sweep
 
 __all__ = [
@@ -28,14 +35,19 @@ __all__ = [
     "InjectResult",
     "Prepared",
     "Recipe",
+    "SkillSettings",
     "SweepConfig",
     "SweepResult",
     "check_device",
     "convert_mergekit",
+    "export_lora",
+    "extract_skill",
     "inject",
+    "list_skills",
     "plan_only",
     "prepare",
     "push_to_hub",
     "recipe_with_absolute_paths",
     "run_sweep",
+    "skill_info",
 ]

@@ -336,6 +336,9 @@ def _load(plan: Plan, entry: Entry) -> Loaded:
     r = entry.rows
     experts = [ck.reader.get_rows(n, r) for ck, n in zip(plan.experts, entry.expert_names)]
     base = plan.base.reader.get_rows(entry.base_name, r) if plan.base is not None and entry.base_name else None
+    if base is None and plan.base is None and all(getattr(ck.reader, "holds_deltas", False) for ck in plan.experts):
+        # every expert is a task vector (skill, LoRA adapter): tau as given, i.e. a base of zeros (no memory)
+        base = torch.zeros((), dtype=torch.float32).expand(experts[0].shape)
     return Loaded(entry, vlm, base, experts)
 
 
@@ -417,7 +420,8 @@ def run(
                         weights=settings.expert_weights(e),
                     )
                     if norms.deltas:
-                        info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) for x in norms.rel_deltas())))
+                        info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) if math.isfinite(x) else None
+                                                                   for x in norms.rel_deltas())))
                     info["rel_change"] = round(norms.rel_change(), 6)
                 per_tensor[e.name] = info
                 if last_write is not None:

@@ -25,10 +25,11 @@ from .io.resolve import Resolved, resolve
 from .io.writer import ShardedWriter, parse_size
 from .mapping.checks import unrelated_weights_check
 from .mapping.plan import Plan, build_plan
-from .mapping.vocab import check_vocabularies
+from .mapping.vocab import check_vocabularies, vocab_file
 from .methods import METHODS
 from .recipe import Recipe
 from .schedule import is_excluded, module_kind, validate_exclude
+from .skills.experts import check_lineage, deltas_only, open_experts
 from .report import build_report, model_card, vlm_card_metadata, write_json
 
 log = logging.getLogger("skillgraft")
@@ -44,6 +45,7 @@ class Prepared:
     paths: dict[str, Path]
     warnings: list[str] = field(default_factory=list)
     resolved: dict[str, Resolved] = field(default_factory=dict)   # by role label: vlm, base, expert labels
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each expert is (checkpoint, skill, LoRA)
 
 
 @dataclass
@@ -90,8 +92,11 @@ def input_paths(recipe: Recipe, protect: Any = ()) -> list[tuple[str, Path]]:
     return out + [("recipe file", Path(p)) for p in protect]
 
 
-def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
-    """Method settings from a recipe, checked before any checkpoint is opened."""
+def _settings(recipe: Recipe, deltas_only: bool = False) -> tuple[MergeSettings, list[str]]:
+    """Method settings from a recipe, checked before any weight is read.
+
+    ``deltas_only``: every expert is a skill or LoRA adapter (a task vector), so inject mode
+    needs no base."""
     method = METHODS[recipe.method]
     warnings = []
     densities = [e.density for e in recipe.experts]
@@ -102,7 +107,11 @@ def _settings(recipe: Recipe) -> tuple[MergeSettings, list[str]]:
         validate_exclude(recipe.exclude)
     except ValueError as e:
         raise SkillgraftError(str(e)) from None
-    if method.needs_base and recipe.base is None:
+    if method.needs_base and recipe.base is None and deltas_only and recipe.mode == "symmetric":
+        why = "the LLM the VLM's language model derives from"
+        raise SkillgraftError(f"symmetric mode merges the VLM's own task vector, which needs a base model: {why}",
+                              cli=f"symmetric mode merges the VLM's own task vector, which needs --base: {why}")
+    if method.needs_base and recipe.base is None and not deltas_only:
         why = "the LLM that both the VLM's language model and the expert derive from"
         raise SkillgraftError(f"method {method.name} needs a base model: {why}",
                               cli=f"method {method.name} needs --base: {why}")
@@ -130,42 +139,50 @@ def _exclusion(exclude: list[str]):
     return lambda rel: f"excluded ({module_kind(rel)}) by exclude filter" if is_excluded(rel, exclude) else None
 
 
-def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) -> Prepared:
-    """Resolve checkpoints, open them lazily, build and validate the plan. No weight is read.
+def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False,
+            ignore_lineage: bool = False) -> Prepared:
+    """Resolve checkpoints, open them lazily, build and validate the plan. No weight is read
+    (but the few fingerprint rows a skill's lineage check compares).
 
+    An expert may be a checkpoint, a skill directory or a PEFT LoRA adapter (``skillgraft.skills``).
     Checks, besides the plan's structure: the VLM has a config.json, the model types agree (unless
-    ``recipe.allow_arch_mismatch``), and the tokenizers give the merged vocabulary rows the same
-    tokens (unless ``recipe.allow_vocab_mismatch``).
+    ``recipe.allow_arch_mismatch``), the tokenizers give the merged vocabulary rows the same tokens
+    (unless ``recipe.allow_vocab_mismatch``), and a skill's base fingerprint matches the VLM's
+    language model (unless ``ignore_lineage``).
     """
     recipe = validated(recipe)
-    settings, warnings = _settings(recipe)
     resolved = {"vlm": resolve(recipe.vlm, "vlm")}
     labels = [e.label for e in recipe.experts]
     if len(set(labels)) != len(labels):
         raise SkillgraftError(f"two experts share the label {labels[0]!r}; give each a distinct name")
     for e in recipe.experts:
         resolved[e.label] = resolve(e.model, "expert")
-    use_base = settings.method.needs_base and recipe.base is not None
-    if use_base:
+    expert_paths = {lbl: resolved[lbl].path for lbl in labels}
+    settings, warnings = _settings(recipe, deltas_only=deltas_only(expert_paths))
+    if recipe.base is not None:
         resolved["base"] = resolve(recipe.base, "base")
     for role, r in resolved.items():
         log.info("%s: %s", role, r.path if r.repo_id is None else f"{r.repo_id} at {r.commit or r.revision} ({r.path})")
     paths = {k: r.path for k, r in resolved.items()}
-    readers = {k: stack.enter_context(CheckpointReader(p)) for k, p in paths.items()}
-    if not readers["vlm"].config:
+    vlm = stack.enter_context(CheckpointReader(paths["vlm"]))
+    if not vlm.config:
         raise SkillgraftError(
             f"{paths['vlm']}: no config.json with the model's settings; the VLM must be a transformers checkpoint "
             f"(the merged output needs its config to load)"
         )
+    opened = open_experts(expert_paths, paths.get("base"), settings.method, recipe.mode, stack)
     plan = build_plan(
-        readers["vlm"],
-        [(lbl, readers[lbl]) for lbl in labels],
-        readers["base"] if use_base else None,
+        vlm,
+        opened.readers,
+        opened.base,
         excluded=_exclusion(recipe.exclude),
         allow_unmatched=allow_unmatched,
         allow_arch_mismatch=recipe.allow_arch_mismatch,
     )
-    warnings += check_vocabularies(plan, paths, allow=recipe.allow_vocab_mismatch)
+    # a skill or adapter without tokenizer files shares its base's vocabulary (its fingerprint checks that base)
+    vocab_dirs = {k: p for k, p in paths.items() if k not in opened.task_vectors or vocab_file(p) is not None}
+    warnings += check_vocabularies(plan, vocab_dirs, allow=recipe.allow_vocab_mismatch)
+    warnings += opened.notes + check_lineage(opened, plan.vlm, ignore=ignore_lineage)
     settings.n_layers = plan.n_layers
     try:
         for e in plan.entries:  # schedules and layer rules are checked against the real depth
@@ -176,11 +193,11 @@ def prepare(recipe: Recipe, stack: ExitStack, *, allow_unmatched: bool = False) 
     c = plan.counts()
     log.info("plan: %d tensors, %d merged (%d row-sliced), %d copied; %d decoder layers",
              c["total"], c["merged"], c["row_sliced"], c["copied"], plan.n_layers)
-    return Prepared(recipe, plan, settings, paths, warnings + plan.warnings, resolved)
+    return Prepared(recipe, plan, settings, paths, warnings + plan.warnings, resolved, opened.sources)
 
 
 def plan_only(recipe: Recipe, *, allow_unmatched: bool = False, out: str | Path | None = None, force: bool = False,
-              shard_size: str | int = DEFAULT_SHARD_SIZE, protect: Any = ()) -> Plan:
+              shard_size: str | int = DEFAULT_SHARD_SIZE, protect: Any = (), ignore_lineage: bool = False) -> Plan:
     """The validated plan for ``recipe`` (what ``--dry-run`` prints), after every check that reads no weight:
     the numbers, the shard size, ``out`` (when given), the checkpoints' headers and index paths, the
     structure of the pair and the tokenizers."""
@@ -189,7 +206,7 @@ def plan_only(recipe: Recipe, *, allow_unmatched: bool = False, out: str | Path 
     if out is not None:
         check_output_dir(out, force, input_paths(recipe, protect))
     with ExitStack() as stack:
-        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched, ignore_lineage=ignore_lineage)
         if out is not None:
             check_output_dir(out, force, [(_ROLES.get(k, "expert"), p) for k, p in prep.paths.items()])
         prep.plan.warnings = prep.warnings
@@ -240,6 +257,7 @@ def inject(
     allow_unmatched: bool = False,
     on_warning: Any = None,
     protect: Any = (),
+    ignore_lineage: bool = False,
 ) -> InjectResult:
     """Merge the recipe's experts into its VLM and write a complete checkpoint to ``out`` atomically.
 
@@ -255,7 +273,7 @@ def inject(
     say = on_warning or log.warning
     with ExitStack() as stack:
         target = stack.enter_context(OutputDir(out, force, inputs=input_paths(recipe, protect), log=say))
-        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched, ignore_lineage=ignore_lineage)
         target.check_inputs([(_ROLES.get(k, "expert"), p) for k, p in prep.paths.items()])
         warnings = prep.warnings + unrelated_weights_check(prep.plan)
         for w in warnings:
@@ -285,6 +303,7 @@ def inject(
                     "weight_files": files,
                     "copied_files": side,
                     "skipped_files": skipped,
+                    "expert_sources": prep.sources,
                 },
             )
             card = model_card(saved, report, prep.resolved, vlm_card_metadata(prep.paths["vlm"]))

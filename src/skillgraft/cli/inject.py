@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Example: skillgraft inject vlm/ expert/ --base base/ --method ta --scale 0.8 -o merged/",
     )
     add_recipe_args(p, vlm_help="VLM checkpoint directory or hub id (an LLM also works)",
-                    expert_help="expert LLM checkpoint directory or hub id")
+                    expert_help="expert LLM checkpoint directory or hub id, a skill directory "
+                    "(skillgraft skill extract) or a PEFT LoRA adapter directory")
     p.add_argument("--method", help="merge method (default ta; `skillgraft methods` lists them)")
     p.add_argument("--scale", type=floats, help="lambda: weight of the expert's task vector (default 1.0); "
                    "a comma list is a per-layer schedule, e.g. 0,1,1,0.5")
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the finished output to this hub model repository "
                    "(org/name; created if missing; needs a hub token)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--ignore-lineage", action="store_true",
+                   help="merge a skill even if its base fingerprint does not match the VLM's language model")
     add_verbosity(p)
     p.set_defaults(func=run)
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     protect = [args.recipe] if args.recipe else []
     if args.dry_run:
-        plan = plan_only(recipe, allow_unmatched=args.allow_unmatched, out=args.out, force=args.force,
+        plan = plan_only(recipe, allow_unmatched=args.allow_unmatched, ignore_lineage=args.ignore_lineage, out=args.out, force=args.force,
                          shard_size=args.shard_size, protect=protect)
         for w in plan.warnings:
             warn(w)
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         progress=show_progress(args),
         allow_unmatched=args.allow_unmatched,
         protect=protect,
+        ignore_lineage=args.ignore_lineage,
     )
     c = result.report["counts"]
     print(

@@ -87,7 +87,8 @@ class Plan:
 
 
 def open_checkpoint(label: str, reader: CheckpointReader, reference: dict[str, tuple[int, ...]] | None) -> Checkpoint:
-    layout = detect_layout(reader, label, reference)
+    # a task-vector reader (skill, LoRA adapter) knows its own layout: plain causal-LM names
+    layout = getattr(reader, "lm_layout", None) or detect_layout(reader, label, reference)
     return Checkpoint(label, reader, layout, layout.lm_names(reader))
 
 
@@ -122,6 +123,8 @@ def build_plan(
     vlm_layers = layer_count(vlm.rel)
     for ck in sources:
         n = layer_count(ck.rel)
+        if _holds_deltas(ck):  # a task vector may leave layers untouched; a skill records its base's depth
+            n = getattr(ck.reader, "n_layers", None) or (vlm_layers if n <= vlm_layers else n)
         if n != vlm_layers:
             raise SkillgraftError(
                 f"layer count mismatch: the VLM's language model has {vlm_layers} decoder layers, "
@@ -146,6 +149,14 @@ def build_plan(
             continue
         src = {ck.label: ck.source_for(rel) for ck in sources}
         missing = [lbl for lbl, s in src.items() if s is None]
+        if missing and all(_holds_deltas(ck) for ck in sources if ck.label in missing):
+            if len(missing) == len(sources):
+                entries.append(Entry(name, shape, dtype, "copy", "no expert changes it (task vectors leave it as is)", rel))
+                continue
+            for ck in sources:  # a task vector that does not touch this tensor adds zero to it
+                if ck.label in missing:
+                    src[ck.label] = ck.reader.zero_name(rel, shape)
+            missing = []
         if missing:
             if rel.endswith(_BUFFER_SUFFIXES):
                 entries.append(Entry(name, shape, dtype, "copy", "rotary buffer", rel))
@@ -182,6 +193,11 @@ def build_plan(
         if unused.get(label):
             warnings.append(f"{len(unused[label])} tensor(s) of {label} are not used by the merge: {', '.join(unused[label])}")
     return Plan(entries, vlm, base, experts, vlm_layers, unmatched, unused, warnings)
+
+
+def _holds_deltas(ck: Checkpoint) -> bool:
+    """A skill or LoRA adapter: its tensors are task vectors, missing ones are zero."""
+    return bool(getattr(ck.reader, "holds_deltas", False))
 
 
 def _overlap_rows(name: str, shape: tuple[int, ...], rel: str, others: dict[str, tuple[int, ...]]) -> int | None:
