@@ -13,14 +13,22 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
+import vlm_factories as vf
 from conftest import build_llava_triple, load_weights
 
-import vlm_factories as vf
 from skillgraft import cli
-from skillgraft.api import ExpertSpec, Recipe, SkillSettings, extract_skill, inject, skill_info
+from skillgraft.api import (
+    ExpertSpec,
+    Recipe,
+    SkillSettings,
+    extract_skill,
+    inject,
+    skill_info,
+)
 from skillgraft.errors import SkillgraftError
 from skillgraft.skills import SkillReader, compress
 
@@ -368,3 +376,12 @@ def test_info_and_list(triple, good_skill, tmp_path):
     assert lines[1].startswith("broken") and "damaged" in lines[1]
     assert lines[2].startswith("math-bit") and "bitdelta" in lines[2] and str(triple.base) in lines[2]
     assert lines[3].startswith("math-lr3") and "lowrank rank 3" in lines[3]
+
+
+def test_skill_help_does_not_import_torch():
+    code = ("import sys\nfrom skillgraft.cli import main\n"
+            "for argv in (['skill', '--help'], ['skill', 'extract', '--help'], ['skill', 'export-lora', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -7,37 +7,24 @@ checkpoint ``inject`` writes).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import subprocess
 
 import pytest
 import torch
-from conftest import build_llava_triple, load_weights
-
 import vlm_factories as vf
-from skillgraft import cli
-from skillgraft.api import ExpertSpec, Recipe, SkillSettings, export_lora, extract_skill, inject, skill_info
+from conftest import build_llava_triple, load_weights
+from test_skills import assert_user_error, run_cli
+
+from skillgraft.api import (
+    ExpertSpec,
+    Recipe,
+    SkillSettings,
+    extract_skill,
+    inject,
+    skill_info,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install peft")
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-
-
-def assert_user_error(p, fragment: str) -> None:
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert fragment in lines[0], lines[0]
 
 
 def make_adapter(base_dir, out, seed=0, **config):
@@ -226,3 +213,36 @@ def test_export_lora_factorises_other_formats_and_adapters(tmp_path):
     got = _vlm_logits(peft.PeftModel.from_pretrained(b.family.vlm_cls.from_pretrained(b.vlm).eval(),
                                                      str(tmp_path / "y")).eval(), batch)
     assert torch.allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+@pytest.mark.parametrize("method,density", [("ta", 1.0), ("dare", 0.5)])
+def test_inplace_sweep_point_equals_inject_with_adapter_and_skill(triple, tmp_path, method, density):
+    from contextlib import ExitStack
+
+    from transformers import LlavaForConditionalGeneration
+
+    from skillgraft.api import prepare
+    from skillgraft.sweep.inplace import InPlaceModel
+
+    adapter, _ = make_adapter(triple.base, tmp_path / "ad", seed=5, r=2, lora_alpha=4, target_modules=["v_proj", "up_proj"])
+    skill = tmp_path / "skill"
+    extract_skill(str(triple.expert), str(triple.base), skill, SkillSettings(format="sparse", density=0.2), progress=False)
+    recipe = Recipe(vlm=str(triple.vlm), method=method, seed=3,
+                    experts=[ExpertSpec(model=str(adapter), scale=0.9, density=density),
+                             ExpertSpec(model=str(skill), scale=0.6, density=density)])
+    model = LlavaForConditionalGeneration.from_pretrained(str(triple.vlm), dtype="auto")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ExitStack() as stack:
+        prep = prepare(recipe, stack)
+        assert prep.plan.base is None
+        ip = InPlaceModel(model, prep.plan, cache_taus=True)
+        ip.apply(prep.settings)
+        merged = {k: v.clone() for k, v in model.state_dict().items()}
+        ip.restore()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    ref = LlavaForConditionalGeneration.from_pretrained(str(inject(recipe, tmp_path / "o", progress=False).out_dir),
+                                                        dtype="auto").state_dict()
+    assert all(torch.equal(merged[k], ref[k]) for k in merged)

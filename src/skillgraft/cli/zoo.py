@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     z = sub.add_parser("zoo", help="the shipped micro-world checkpoints")
     zsub = z.add_subparsers(dest="zoo_cmd", required=True, parser_class=Parser)
     zp = zsub.add_parser("path", help="print the directory of a shipped checkpoint")
-    zp.add_argument("name", help="base, expert-multilingual, expert-instruct, expert-math or vlm")
+    zp.add_argument("name", help="base, expert-multilingual, expert-instruct, expert-math, vlm or expert-multilingual-lora")
     zp.set_defaults(func=run_path)
     zb = zsub.add_parser("build", help="retrain the whole zoo from seed on the CPU")
     zb.add_argument("--out", required=True, help="directory for the rebuilt checkpoints")

@@ -15,7 +15,6 @@ from .info import format_info, format_list, list_skills, skill_info
 from .lora import LoraReader
 from .reader import SkillReader
 
-
 __all__ = [
     "FORMATS",
     "ExtractResult",

@@ -9,6 +9,7 @@ adapter does not target) is a zero delta; the planner asks for it with :meth:`ze
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,19 @@ import torch
 from ..errors import SkillgraftError
 from ..mapping.layout import LMLayout
 from .naming import PLAIN_LAYOUT, plain_name
+
+
+def read_json_mapping(path: Path, where: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line error naming ``where`` (a skill or an adapter)."""
+    if not path.is_file():
+        raise SkillgraftError(f"{where}: {path.name} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise SkillgraftError(f"{where}: {path.name} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SkillgraftError(f"{where}: {path.name} is not a mapping")
+    return data
 
 
 class DeltaReader:
@@ -73,7 +87,7 @@ class DeltaReader:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "DeltaReader":
+    def __enter__(self) -> DeltaReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

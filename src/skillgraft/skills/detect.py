@@ -108,7 +108,7 @@ class ThetaView:
     def close(self) -> None:
         self.delta.close()
 
-    def __enter__(self) -> "ThetaView":
+    def __enter__(self) -> ThetaView:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -238,7 +238,7 @@ def export_lora(
                 if key not in tensors and f"base_model.model.{module_name}.lora_B.weight" in tensors:
                     tensors[key] = torch.zeros(tensors[f"base_model.model.{module_name}.lora_B.weight"].shape[0])
         if not ranks and not saved:
-            raise SkillgraftError(f"the skill changes none of the VLM's language-model modules; nothing to export")
+            raise SkillgraftError("the skill changes none of the VLM's language-model modules; nothing to export")
         r_default = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
         pattern = {m: r for m, r in ranks.items() if r != r_default}
         config = {

@@ -19,9 +19,10 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -248,7 +249,7 @@ class _Encoder:
         return self._stats("lowrank", p, dsq, base_sq, esq, nbytes, rank=r)
 
     def _sparse(self, p: Pair, delta: torch.Tensor, base_sq: float, dtype: torch.dtype) -> dict[str, Any]:
-        rows, cols = p.shape
+        cols = p.shape[1]
         rowptr, col, val = C.sparse_rows(delta, self.s.density)
         nnz = val.numel()
         col = col.to(C.index_dtype(cols - 1))

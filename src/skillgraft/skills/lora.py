@@ -15,7 +15,6 @@ base in memory); here each delta is computed lazily, a block of rows at a time, 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from ..errors import SkillgraftError
 from ..io.reader import CheckpointReader, SafetensorsFile
 from ..mapping.families import CAUSAL_LM, FAMILIES
 from ..mapping.layout import HEAD, LMLayout, detect_layout
-from .delta import DeltaReader
+from .delta import DeltaReader, read_json_mapping
 from .naming import PLAIN_PREFIX
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,15 +85,7 @@ def _refuse(root: Path, what: str) -> SkillgraftError:
 
 def read_adapter_config(root: Path) -> dict[str, Any]:
     """``adapter_config.json``, refusing non-LoRA adapters and LoRA variants by name."""
-    path = root / ADAPTER_CONFIG
-    if not path.is_file():
-        raise SkillgraftError(f"adapter {root}: {ADAPTER_CONFIG} is missing")
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
-        raise SkillgraftError(f"adapter {root}: {ADAPTER_CONFIG} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise SkillgraftError(f"adapter {root}: {ADAPTER_CONFIG} is not a mapping")
+    cfg = read_json_mapping(root / ADAPTER_CONFIG, f"adapter {root}")
     kind = str(cfg.get("peft_type", "")).upper()
     if kind != "LORA":
         raise _refuse(root, f"it is a PEFT {cfg.get('peft_type')!r} adapter, not LoRA")
@@ -186,7 +177,7 @@ class LoraReader(DeltaReader):
         keys = list(self.w.shapes)
         if not keys:
             raise SkillgraftError(f"adapter {self.root}: the weight file holds no tensors")
-        rel = {k: k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k for k in keys}
+        rel = {k: k.removeprefix(PEFT_PREFIX) for k in keys}
         magnitude = [k for k in keys if "lora_magnitude_vector" in k]
         if magnitude:
             raise _refuse(self.root, "it holds DoRA magnitude vectors (lora_magnitude_vector)")
@@ -269,7 +260,7 @@ class LoraReader(DeltaReader):
         if self._base_rel is None:
             layout = detect_layout(self._base, "base")
             self._base_rel = {layout.lm_name(n): n for n in self._base.names if layout.lm_name(n) is not None}
-        rel = plain[len(PLAIN_PREFIX):] if plain.startswith(PLAIN_PREFIX) else plain
+        rel = plain.removeprefix(PLAIN_PREFIX)
         return self._base_rel.get(rel)
 
     def _add_whole(self, module: str, param: str, key: str) -> None:

@@ -30,7 +30,7 @@ def plain_name(rel: str) -> str:
 
 def rel_name(plain: str) -> str:
     """Plain causal-LM name -> LM-relative name."""
-    return plain[len(PLAIN_PREFIX):] if plain.startswith(PLAIN_PREFIX) else plain
+    return plain.removeprefix(PLAIN_PREFIX)
 
 
 def part_name(name: str, part: str) -> str:

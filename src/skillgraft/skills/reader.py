@@ -18,7 +18,7 @@ from ..errors import SkillgraftError
 from ..io.reader import SafetensorsFile
 from ..mapping.layout import HEAD, LMLayout
 from . import compress as C
-from .delta import DeltaReader
+from .delta import DeltaReader, read_json_mapping
 from .fingerprint import check_fingerprint
 from .naming import FORMAT_VERSION, PARTS, PLAIN_PREFIX, SKILL_JSON, part_name
 from .store import SKILL_FILE, SKILL_INDEX
@@ -29,14 +29,8 @@ _FILE = re.compile(r"^[\w.\-]+\.safetensors$")
 
 def read_meta(root: Path) -> dict[str, Any]:
     """``skill.json`` of a skill directory, checked for the fields every reader relies on."""
-    path = root / SKILL_JSON
-    if not path.is_file():
-        raise SkillgraftError(f"skill {root}: {SKILL_JSON} is missing")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise SkillgraftError(f"skill {root}: {SKILL_JSON} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict) or not isinstance(meta.get("base"), dict):
+    meta = read_json_mapping(root / SKILL_JSON, f"skill {root}")
+    if not isinstance(meta.get("tensors"), dict) or not isinstance(meta.get("base"), dict):
         raise SkillgraftError(f"skill {root}: {SKILL_JSON} lacks its 'tensors' and 'base' sections")
     version = meta.get("skillgraft_skill")
     if not isinstance(version, int) or version < 1:
