@@ -26,12 +26,16 @@ _LAZY: dict[str, str] = {
     "convert_mergekit": "skillgraft.api",
     "run_sweep": "skillgraft.api",
     "SweepConfig": "skillgraft.api",
+    "extract_skill": "skillgraft.api",
+    "SkillSettings": "skillgraft.api",
+    "export_lora": "skillgraft.api",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import InjectResult, SweepConfig, convert_mergekit, inject, plan_only, push_to_hub, run_sweep
+    from .api import (InjectResult, SkillSettings, SweepConfig, convert_mergekit, export_lora, extract_skill, inject,
+                      plan_only, push_to_hub, run_sweep)
     from .errors import SkillgraftError
     from .recipe import ExpertSpec, Recipe
 

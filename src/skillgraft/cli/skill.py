@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..defaults import DEFAULT_SHARD_SIZE
-from .args import DTYPE_CHOICES, Parser, warn
+from .args import DTYPE_CHOICES, Parser, add_verbosity, show_progress
 
 FORMAT_CHOICES = ("full", "lowrank", "bitdelta", "sparse")
 
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the stored values (default: the expert's)")
     e.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per file (default {DEFAULT_SHARD_SIZE})")
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_verbosity(e)
     e.set_defaults(func=run_extract)
 
     i = ssub.add_parser("info", help="describe a skill or LoRA adapter directory")
@@ -70,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--ignore-lineage", action="store_true", help="export even if the skill's base fingerprint "
                    "does not match the VLM's language model")
     x.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    add_verbosity(x)
     x.set_defaults(func=run_export)
 
 
@@ -80,7 +81,7 @@ def run_extract(args: argparse.Namespace) -> int:
     settings = SkillSettings(format=args.format, rank=args.rank, energy=args.energy, density=args.density,
                              dtype=args.dtype)
     extract_skill(args.expert, args.base, args.out, settings, force=args.force, shard_size=args.shard_size,
-                  progress=not args.quiet, on_warning=warn)
+                  progress=show_progress(args))
     print(format_info(skill_info(args.out)))
     return 0
 
@@ -113,8 +114,6 @@ def run_export(args: argparse.Namespace) -> int:
 
     result = export_lora(args.skill, args.vlm, args.out, scale=args.scale, rank=args.rank, energy=args.energy,
                          force=args.force, ignore_lineage=args.ignore_lineage)
-    for w in result.summary["warnings"]:
-        warn(w)
     s = result.summary
     print(f"wrote {result.out_dir}: {s['targets']} LoRA targets (ranks {s['ranks']}), "
           f"{s['modules_to_save']} modules saved whole, scale {s['scale']}")

@@ -18,6 +18,7 @@ A tied LM head gets the embedding's delta too, as in the merged checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .detect import expert_kind, open_expert
 from .experts import OpenedExperts, check_lineage
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+log = logging.getLogger("skillgraft")
 
 
 class ModuleView:
@@ -151,8 +153,11 @@ def export_lora(
     energy: float | None = None,
     force: bool = False,
     ignore_lineage: bool = False,
+    on_warning: Any = None,
 ) -> ExportResult:
-    """Write a PEFT LoRA adapter for ``vlm`` that adds ``scale`` times the skill's task vector."""
+    """Write a PEFT LoRA adapter for ``vlm`` that adds ``scale`` times the skill's task vector.
+
+    Warnings go to ``on_warning(message)`` when given, else to the ``skillgraft`` logger."""
     skill_dir = Path(skill)
     if not skill_dir.is_dir() or expert_kind(skill_dir) == "checkpoint":
         raise SkillgraftError(f"{skill_dir} is not a skill directory (skill.json) or a PEFT LoRA adapter")
@@ -270,6 +275,8 @@ def export_lora(
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             (tmp / "README.md").write_text(_card(summary))
+    for w in summary["warnings"]:
+        (on_warning or log.warning)(w)
     return ExportResult(out, config, summary)
 
 

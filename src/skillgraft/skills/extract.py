@@ -16,6 +16,7 @@ top-k selection need the whole matrix), as the engine's whole-tensor methods do.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
@@ -46,6 +47,7 @@ from .store import SkillWriter
 
 FORMATS = ("full", "lowrank", "bitdelta", "sparse")
 _VOCAB = (EMBED, HEAD)
+log = logging.getLogger("skillgraft")
 _BUFFERS = ("rotary_emb.inv_freq",)
 
 
@@ -290,6 +292,7 @@ def extract_skill(
     """Extract ``tau = expert - base`` over the language model into the skill directory ``out``.
 
     ``out`` is written atomically; an existing non-empty directory is refused unless ``force``.
+    Warnings go to ``on_warning(message)`` when given, else to the ``skillgraft`` logger.
     """
     settings = settings or SkillSettings()
     settings.check()
@@ -353,6 +356,5 @@ def extract_skill(
         warnings.append(f"the expert looks unrelated to the base: median relative delta norm {statistics.median(rels):.2f} "
                         f"(fine-tunes are usually below 0.1); is the base the model the expert was derived from?")
     for w in warnings:
-        if on_warning is not None:
-            on_warning(w)
+        (on_warning or log.warning)(w)
     return ExtractResult(out, meta, warnings)
