@@ -8,6 +8,7 @@ one line before any merge starts. Values are rebuilt lazily, only for the rows a
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,33 @@ class SkillReader(DeltaReader):
     def _read(self, key: str, rows: int | None = None) -> torch.Tensor:
         return self._where[key].read(key, rows)
 
+    def _read_float(self, key: str, rows: int | None) -> torch.Tensor:
+        """The first ``rows`` rows of a stored tensor as float32, converted block by block (no
+        full-size copy in the stored dtype next to the float32 one)."""
+        h = self._where[key]
+        dtype, shape, begin, _ = h.entries[key]
+        n = shape[0] if rows is None or not shape else min(rows, shape[0])
+        if dtype == torch.float32 or not shape:
+            return h.read(key, rows).float()
+        out = torch.empty((n, *shape[1:]), dtype=torch.float32)
+        per_row = out[0].numel() if n else 0
+        row_bytes = per_row * dtype.itemsize
+        for blk in C.row_blocks(n, per_row):
+            buf = torch.empty((blk.stop - blk.start) * row_bytes, dtype=torch.uint8)
+            view, done, at = memoryview(buf.numpy()), 0, h.data_start + begin + blk.start * row_bytes
+            while done < len(view):
+                got = os.preadv(h.fd, [view[done:]], at + done)
+                if got <= 0:
+                    raise SkillgraftError(f"{h.path}: unexpected end of file reading {key}")
+                done += got
+            out[blk] = buf.view(dtype).reshape(blk.stop - blk.start, *shape[1:])
+        return out
+
     def _rows(self, name: str, rows: int | None) -> torch.Tensor:
         kind = self._kinds[name]
         shape = self._shapes[name]
         if kind == "full":
-            return self._read(name, rows).float()
+            return self._read_float(name, rows)
         if kind == "lowrank":
             return C.lowrank_rows(self._read(part_name(name, "B"), rows), self._read(part_name(name, "A")))
         if kind == "bitdelta":
