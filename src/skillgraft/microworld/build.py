@@ -464,13 +464,13 @@ def _has_peft() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
+@_isolated
 def _train_lora_expert(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int,
                        lo: LoraSettings = LORA) -> tuple[float, float]:
     """A LoRA version of ``lo.of``: same corpus recipe, seeded on its own (seed + 30)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    _setup(threads, device)
     t0 = time.perf_counter()
     tok = build_tokenizer()
     _seed_all(seed + 30)
