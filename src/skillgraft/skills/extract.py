@@ -157,7 +157,10 @@ class _Encoder:
         self.s = settings
         self.w = writer
 
-    def __call__(self, p: Pair, e: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    def __call__(self, p: Pair, inputs: list[torch.Tensor]) -> dict[str, Any]:
+        """Encode ``inputs = [expert tensor, base tensor]``; the list is emptied once they are used up,
+        so a whole-matrix format holds its float32 task vector without the 16-bit inputs."""
+        e, b = inputs
         dtype = _stored_dtype(self.s, e.dtype)
         fmt = self.s.format if len(p.shape) == 2 else "full"
         if fmt == "full":
@@ -165,6 +168,7 @@ class _Encoder:
         if fmt == "bitdelta":
             return self._bitdelta(p, e, b, dtype)
         delta, base_sq = self._whole_delta(p, e, b)
+        inputs.clear()
         del e, b
         if fmt == "lowrank":
             return self._lowrank(p, delta, base_sq, dtype)
@@ -317,9 +321,7 @@ def extract_skill(
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="extracting", disable=not progress, leave=False)
             try:
                 for p in pairs:
-                    e, b = er.get_rows(p.expert, p.rows), br.get_rows(p.base, p.rows)
-                    tensors[p.name] = encode(p, e, b)
-                    del e, b
+                    tensors[p.name] = encode(p, [er.get_rows(p.expert, p.rows), br.get_rows(p.base, p.rows)])
                     bar.update(er.nbytes(p.expert))
             except BaseException:
                 writer.abort()
