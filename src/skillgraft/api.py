@@ -11,6 +11,13 @@ Skills (an expert's task vector stored on its own, or a PEFT LoRA adapter) are e
     from skillgraft import SkillSettings, extract_skill
     extract_skill("expert/", "base/", "skill/", SkillSettings(format="lowrank", rank=64))
     inject(Recipe(vlm="vlm/", experts=[ExpertSpec(model="skill/")]), "out/")   # no base needed
+
+Without labels, look at a pair and let unlabelled prompts choose the scale:
+
+    from skillgraft.api import inspect, inspect_table, tune
+    print(inspect_table(inspect("vlm/", "expert/", "base/")))                   # data-free diagnostics
+    tune(Recipe(vlm="vlm/", base="base/", experts=[ExpertSpec(model="expert/")]),
+         "image_prompts.jsonl", "text_prompts.txt", "tuned/")                    # scale from unlabelled prompts
 """
 
 from .convert.mergekit import convert_mergekit
@@ -28,11 +35,18 @@ from .pipeline import (
 from .recipe import ExpertSpec, Recipe
 from .skills import SkillSettings, export_lora, extract_skill, list_skills, skill_info
 from .sweep.runner import SweepConfig, SweepResult, run_sweep
+from .analysis import Inspection
+from .analysis import inspect_pair as inspect
+from .analysis import plot as inspect_plot
+from .analysis import table as inspect_table
+from .analysis import write_json as inspect_json
+from .tune import TuneResult, TuneSettings, tune
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
     "ExpertSpec",
     "InjectResult",
+    "Inspection",
     "Prepared",
     "Recipe",
     "SkillSettings",
@@ -43,6 +57,10 @@ __all__ = [
     "export_lora",
     "extract_skill",
     "inject",
+    "inspect",
+    "inspect_json",
+    "inspect_plot",
+    "inspect_table",
     "list_skills",
     "plan_only",
     "prepare",
@@ -50,4 +68,7 @@ __all__ = [
     "recipe_with_absolute_paths",
     "run_sweep",
     "skill_info",
+    "tune",
+    "TuneResult",
+    "TuneSettings",
 ]

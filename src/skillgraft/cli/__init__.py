@@ -13,10 +13,10 @@ import sys
 from ..version import __version__
 from ..errors import SkillgraftError
 from ..extras import missing_extra_message
-from . import convert, demo, evaluate, inject, methods, report, skill, sweep, zoo
+from . import convert, demo, evaluate, inject, inspect, methods, report, skill, sweep, tune, zoo
 from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser, configure_output
 
-COMMANDS = (inject, convert, methods, sweep, report, demo, zoo, evaluate, skill)
+COMMANDS = (inject, convert, methods, sweep, report, demo, zoo, evaluate, skill, inspect, tune)
 
 
 def build_parser() -> Parser:

@@ -20,6 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     zb.add_argument("--quick", action="store_true", help="a shrunken few-step smoke build")
     add_verbosity(zb)
     zb.set_defaults(func=run_build)
+    zr = zsub.add_parser("probes", help="write unlabelled probe prompts for `skillgraft tune` on the micro-world",
+                         description="Write DIR/image_prompts.jsonl (with DIR/images/) and DIR/text_prompts.jsonl for "
+                         "an expert: prompts drawn like the training data, never a benchmark item, never an answer. "
+                         "Example: skillgraft zoo probes expert-multilingual -o probes/")
+    zr.add_argument("name", help="expert-multilingual, expert-instruct or expert-math")
+    zr.add_argument("-o", "--out", required=True, help="directory to write (new or empty)")
+    zr.add_argument("-n", type=int, default=64, help="prompts per file (default 64)")
+    zr.set_defaults(func=run_probes)
 
 
 def run_path(args: argparse.Namespace) -> int:
@@ -35,4 +43,12 @@ def run_build(args: argparse.Namespace) -> int:
     timings = build_zoo(Path(args.out), seed=args.seed, quick=args.quick, progress=show_progress(args))
     for name, seconds in timings.items():
         print(f"{name:22} {seconds:8.1f} s")
+    return 0
+
+
+def run_probes(args: argparse.Namespace) -> int:
+    from ..microworld.probes import write_probes
+
+    files = write_probes(args.name, args.out, args.n)
+    print(f"wrote {files['image_prompts']} and {files['text_prompts']} ({args.n} prompts each)")
     return 0

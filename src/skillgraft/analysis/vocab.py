@@ -1,0 +1,68 @@
+"""Do the VLM and the expert share a tokenizer? Read from the checkpoints' tokenizer files, no model code.
+
+A merged embedding row is only meaningful when the row's id means the same token in both models.
+The vocabulary is read from ``tokenizer.json`` (the ``tokenizers`` format every fast tokenizer saves:
+its model's vocabulary plus the added tokens), else from ``vocab.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_vocab(checkpoint: str | Path) -> dict[int, str] | None:
+    """id -> token of a checkpoint's tokenizer, or None when it has no readable tokenizer file."""
+    root = Path(checkpoint)
+    data: Any = None
+    name = next((n for n in ("tokenizer.json", "vocab.json") if (root / n).is_file()), None)
+    if name is None:
+        return None
+    try:
+        data = json.loads((root / name).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    out: dict[int, str] = {}
+    model = data.get("model") if name == "tokenizer.json" else {"vocab": data}
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        out.update({int(i): str(t) for t, i in vocab.items() if isinstance(i, int)})
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+        out.update({i: str(e[0]) for i, e in enumerate(vocab) if isinstance(e, list) and e})
+    for tok in (data.get("added_tokens") if name == "tokenizer.json" else None) or []:
+        if isinstance(tok, dict) and isinstance(tok.get("id"), int):
+            out[tok["id"]] = str(tok.get("content"))
+    return out or None
+
+
+def compare(vlm: dict[int, str] | None, expert: dict[int, str] | None) -> dict[str, Any]:
+    """Sizes, ids that mean the same token in both, the first id that differs, and a verdict."""
+    if vlm is None or expert is None:
+        return {"verdict": "unknown: no readable tokenizer.json or vocab.json in "
+                + ("the VLM" if vlm is None else "the expert"),
+                "vlm_size": len(vlm) if vlm else None, "expert_size": len(expert) if expert else None}
+    shared = sorted(set(vlm) & set(expert))
+    same = [i for i in shared if vlm[i] == expert[i]]
+    differ = [i for i in shared if vlm[i] != expert[i]]
+    only_vlm = sorted(set(vlm) - set(expert))
+    out: dict[str, Any] = {
+        "vlm_size": len(vlm),
+        "expert_size": len(expert),
+        "shared_ids": len(shared),
+        "same_token": len(same),
+        "first_difference": ({"id": differ[0], "vlm": vlm[differ[0]], "expert": expert[differ[0]]} if differ else None),
+        "vlm_only_ids": len(only_vlm),
+        "vlm_only_examples": [vlm[i] for i in only_vlm[:5]],
+    }
+    if not differ and not only_vlm and len(expert) == len(vlm):
+        out["verdict"] = "same vocabulary"
+    elif not differ:
+        out["verdict"] = (f"same tokens on the {len(shared)} shared ids; the VLM adds {len(only_vlm)} "
+                          f"(e.g. {', '.join(out['vlm_only_examples'][:3]) or '-'})")
+    else:
+        out["verdict"] = (f"{len(differ)} of {len(shared)} shared ids name different tokens (first: id {differ[0]}); "
+                          "merged embedding rows would mix unrelated tokens")
+    return out
