@@ -37,6 +37,8 @@ def test_retention_and_uptake_by_hand():
     ref = Reference.from_scores(vlm_image, _score([False], [8.0], [2]), _score([True], [1.0], [2]))
     cand = _score([True, False, True], [0.1, 0.1, 0.1], [1, 1, 1])
     assert ref.retention(cand) == pytest.approx((1 + 0.1) / 1.6)
+    # a partial score (the first prompt only, changed) is bounded above: the rest count as kept
+    assert ref.retention(_score([False], [0.1], [1])) == pytest.approx((0.5 + 0.1) / 1.6)
     assert ref.uptake(_score([False], [5.0], [2])) == pytest.approx((4 - 2.5) / (4 - 0.5))
     with pytest.raises(SkillgraftError, match="do not exercise"):
         Reference.from_scores(vlm_image, _score([True], [1.0], [2]), _score([True], [1.0], [2]))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import SkillgraftError
+from ..extras import require
+
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (checked before the work, not after)
-        except ImportError:
-            raise SkillgraftError("--plot needs matplotlib (pip install matplotlib)") from None
+        require("matplotlib", "--plot")
     from ..api import inspect, inspect_json, inspect_plot, inspect_table
 
     ins = inspect(args.vlm, args.expert, args.base, threshold=args.threshold, rank_samples=args.rank_samples,

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..defaults import DEFAULT_SHARD_SIZE
-from ..errors import SkillgraftError
+from ..extras import require
 from .args import add_recipe_args, recipe_from_args, warn
 
 
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep at least this estimated share of the VLM's own answers (default 0.95)")
     g.add_argument("--max-prompts", type=int, help="use at most this many prompts of each file")
     g.add_argument("--max-new-tokens", type=int, default=16, help="answer length the teachers generate (default 16)")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
     g.add_argument("--raw-prompts", action="store_true", help="use prompts as written, without the chat template")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per output shard (default {DEFAULT_SHARD_SIZE})")
@@ -57,10 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SkillgraftError("--plot needs matplotlib (pip install matplotlib)") from None
+        require("matplotlib", "--plot")
     from ..api import TuneSettings, tune
 
     recipe = recipe_from_args(args)

@@ -54,8 +54,12 @@ class Reference:
         return cls(torch.exp(-vlm_image.nll), vlm_text.mean_nll, expert_text.mean_nll)
 
     def retention(self, image: Score) -> float:
+        """The estimate; prompts not scored (a partial score) count as kept, so for a partial score
+        this is an upper bound, and a candidate whose bound is already below the minimum is out."""
         c = self.confidence
-        return float((c * image.kept).sum() / c.sum().clamp(min=1e-12))
+        n = image.kept.shape[0]
+        kept = (c[:n] * image.kept).sum() + c[n:].sum()
+        return float(kept / c.sum().clamp(min=1e-12))
 
     def uptake(self, text: Score) -> float:
         return (self.vlm_text_nll - text.mean_nll) / (self.vlm_text_nll - self.expert_text_nll)
@@ -93,9 +97,11 @@ def candidate(scales: tuple[float, ...], ref: Reference, image: Score, text: Sco
               stage: str = "", seconds: float = 0.0) -> Candidate:
     """A scored candidate; ``text`` may be None for one that fails the retention bound."""
     r = ref.retention(image)
-    return Candidate(tuple(scales), r, ref.uptake(text) if text is not None else None, r >= min_retention,
+    partial = image.kept.shape[0] < ref.confidence.shape[0]
+    return Candidate(tuple(scales), r, ref.uptake(text) if text is not None else None, r >= min_retention and not partial,
                      image.kept_rate, text.kept_rate if text is not None else None, image.mean_nll,
-                     text.mean_nll if text is not None else None, stage, seconds)
+                     text.mean_nll if text is not None else None, stage, seconds,
+                     {"image_prompts_scored": image.kept.shape[0]} if partial else {})
 
 
 def best(cands: list[Candidate]) -> Candidate | None:

@@ -29,7 +29,8 @@ def markdown(data: dict[str, Any], cands: list[Candidate], chosen: Candidate) ->
     rows = [head, "|---|---|---|---|---|---|---|"]
     for c in sorted(cands, key=lambda c: (len(c.scales), c.scales)):
         mark = " **(pick)**" if c is chosen else ""
-        rows.append(f"| {_scales(c)}{mark} | {c.stage} | {c.retention:.3f} | {c.kept:.3f} | {_opt(c.uptake)} | "
+        ret = f"<= {c.retention:.3f}" if "image_prompts_scored" in c.extra else f"{c.retention:.3f}"
+        rows.append(f"| {_scales(c)}{mark} | {c.stage} | {ret} | {c.kept:.3f} | {_opt(c.uptake)} | "
                     f"{_opt(c.expert_match)} | {'yes' if c.feasible else 'no'} |")
     s = data["search"]
     scale = data["chosen"]["scale"]
@@ -47,7 +48,9 @@ and {data['probes']['n_text']} text prompts, no labels.
 Retention: the VLM's confidence-weighted share of its own greedy answers to the image prompts that a
 candidate leaves unchanged. Uptake: how far a candidate moves from the VLM towards the expert in the
 likelihood of the expert's greedy answers to the text prompts. The pick is the feasible candidate
-with the most uptake (uptake is not measured, "-", where retention already rules a candidate out).
+with the most uptake. A candidate is scored only as far as needed: once its retention cannot reach the
+bound, the remaining image prompts are skipped ("<=": the bound it could still have reached, prompts
+not scored counted as kept) and its uptake is not measured ("-").
 
 {chr(10).join(rows)}
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from tqdm.auto import tqdm
 
+from ..defaults import DEFAULT_SHARD_SIZE
+from ..engine import unrelated_weights_check
 from ..errors import SkillgraftError
 from ..evaluate import load_model
 from ..io.outdir import atomic_output_dir, check_output_dir
@@ -47,7 +48,7 @@ class TuneSettings:
     groups: int = DEFAULT_GROUPS
     min_retention: float = DEFAULT_MIN_RETENTION
     max_new_tokens: int = 16
-    batch_size: int = 16
+    batch_size: int = 32
     max_prompts: int | None = None
     raw_prompts: bool = False
 
@@ -108,13 +109,78 @@ def _check_tokenizers(vlm_proc: Any, expert_proc: Any, texts: list[str]) -> None
                                   "tune needs the two models to share a tokenizer")
 
 
+@dataclass
+class _Setup:
+    """The loaded VLM with its in-place merger, the teachers' answers, and the reference scores."""
+
+    model: Any
+    ip: InPlaceModel
+    image_set: Any
+    text_set: Any
+    ref: Reference
+    start: Candidate  # the VLM itself: scale 0
+
+
+def _setup(prep: Any, recipe: Recipe, images: list, texts: list, s: TuneSettings, device: str, bar: Any,
+           allow_unmatched: bool) -> _Setup:
+    # the expert answers first and is freed before the VLM is loaded: one model in memory at a time
+    expert_model, expert_proc = load_model(prep.paths[recipe.experts[0].label], device)
+    vlm_proc = _processor(prep.paths["vlm"])
+    _check_tokenizers(vlm_proc, expert_proc, [render(vlm_proc, p, raw=s.raw_prompts) for p in texts])
+    kw = {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "raw": s.raw_prompts, "device": device,
+          "on_batch": bar.update}
+    text_set = teacher_answers(expert_model, vlm_proc, texts, **kw)
+    expert_text = score(expert_model, text_set, device)
+    del expert_model
+    model, processor = load_model(prep.paths["vlm"], device)
+    image_set = teacher_answers(model, processor, images, **kw)
+    vlm_image, vlm_text = score(model, image_set, device), score(model, text_set, device)
+    ref = Reference.from_scores(vlm_image, vlm_text, expert_text)
+    cache_taus = recipe.mode == "inject" and prep.settings.method.kind == "delta"
+    ip = InPlaceModel(model, prep.plan, cache_taus=cache_taus, device=device, allow_unmatched=allow_unmatched)
+    start = Candidate((0.0,), 1.0, 0.0, True, 1.0, vlm_text.kept_rate, vlm_image.mean_nll, vlm_text.mean_nll,
+                      stage="vlm")
+    return _Setup(model, ip, image_set, text_set, ref, start)
+
+
+def _search(st: _Setup, prep: Any, s: TuneSettings, groups: list[list[int]], device: str, bar: Any,
+            warn: Callable[[str], None]) -> tuple[Candidate, list[Candidate]]:
+    n_layers = prep.plan.n_layers
+
+    def evaluate(scales: tuple[float, ...], stage: str) -> Candidate:
+        t = time.perf_counter()
+        st.ip.apply(dataclasses.replace(prep.settings, scales=[schedule_of(scales, groups, n_layers)]))
+        try:  # a candidate is scored only as far as needed: uptake only where retention holds
+            img = score(st.model, st.image_set, device, give_up=lambda part: st.ref.retention(part) < s.min_retention)
+            ok = st.ref.retention(img) >= s.min_retention
+            txt = score(st.model, st.text_set, device) if ok else None
+        finally:
+            st.ip.restore()
+        bar.update(1)
+        return candidate(scales, st.ref, img, txt, s.min_retention, stage, time.perf_counter() - t)
+
+    lo, hi = s.scale_range
+    start = st.start if lo == 0 else evaluate((lo,), "grid")
+    cands = global_search(evaluate, start, lo, hi, s.budget)
+    chosen = best(cands)
+    if chosen is None:
+        raise SkillgraftError(f"no scale in {lo:g}:{hi:g} keeps the estimated retention at {s.min_retention:g}; "
+                              "lower the range's low end or the minimum retention")
+    if chosen.scale >= hi:
+        warn(f"the pick is the top of the scale range ({hi:g}); a larger range may find more uptake")
+    if s.per_layer and len(groups) > 1:
+        first = dataclasses.replace(chosen, scales=tuple([chosen.scale] * len(groups)), stage="per-layer")
+        more = group_search(evaluate, first, s.budget, max(chosen.scale / 4, (hi - lo) / 100), (hi - lo) / 200)
+        cands += [c for c in more if c is not first]
+        chosen = best([chosen, *more]) or chosen
+    return chosen, cands
+
+
 def tune(recipe: Recipe, image_prompts: str | Path, text_prompts: str | Path, out: str | Path, *,
          settings: TuneSettings | None = None, device: str = "cpu", force: bool = False,
          shard_size: str | int | None = None, progress: bool = True, allow_unmatched: bool = False,
          plot: bool = False, on_warning: Callable[[str], None] | None = None) -> TuneResult:
     """Choose the expert's scale from unlabelled prompts and write the injected checkpoint to ``out``."""
-    from ..defaults import DEFAULT_SHARD_SIZE
-
     s = settings or TuneSettings()
     s.check()
     check_device(device)
@@ -131,84 +197,36 @@ def tune(recipe: Recipe, image_prompts: str | Path, text_prompts: str | Path, ou
     timings: dict[str, float] = {}
     with ExitStack() as stack:
         prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
-        for w in prep.warnings:
+        for w in prep.warnings + unrelated_weights_check(prep.plan):
             warn(w)
-        method = prep.settings.method
-        cache_taus = recipe.mode == "inject" and method.kind == "delta"
+        groups = layer_groups(prep.plan.n_layers, s.groups)
         bar = tqdm(total=len(texts) + len(images) + s.budget * (2 if s.per_layer else 1), desc="tuning",
                    unit="step", disable=not progress, leave=False)
         try:
-            # the expert's answers, then the expert is freed before the VLM is loaded
-            expert_model, expert_proc = load_model(prep.paths[recipe.experts[0].label], device)
-            vlm_proc = _processor(prep.paths["vlm"])
-            _check_tokenizers(vlm_proc, expert_proc, [render(vlm_proc, p, raw=s.raw_prompts) for p in texts])
-            text_set = teacher_answers(expert_model, vlm_proc, texts, max_new_tokens=s.max_new_tokens,
-                                       batch_size=s.batch_size, raw=s.raw_prompts, device=device, on_batch=bar.update)
-            expert_text = score(expert_model, text_set, device)
-            del expert_model
-            model, processor = load_model(prep.paths["vlm"], device)
-            image_set = teacher_answers(model, processor, images, max_new_tokens=s.max_new_tokens,
-                                        batch_size=s.batch_size, raw=s.raw_prompts, device=device, on_batch=bar.update)
-            vlm_image, vlm_text = score(model, image_set, device), score(model, text_set, device)
-            ref = Reference.from_scores(vlm_image, vlm_text, expert_text)
-            ip = InPlaceModel(model, prep.plan, cache_taus=cache_taus, device=device, allow_unmatched=allow_unmatched)
+            st = _setup(prep, recipe, images, texts, s, device, bar, allow_unmatched)
             timings["setup_s"] = time.perf_counter() - t0
-            groups = layer_groups(prep.plan.n_layers, s.groups)
-
-            def evaluate(scales: tuple[float, ...], stage: str) -> Candidate:
-                t = time.perf_counter()
-                ip.apply(dataclasses.replace(prep.settings, scales=[schedule_of(scales, groups, prep.plan.n_layers)]))
-                try:  # uptake only matters for a candidate that keeps the VLM's answers
-                    img = score(model, image_set, device)
-                    ok = ref.retention(img) >= s.min_retention
-                    txt = score(model, text_set, device) if ok else None
-                finally:
-                    ip.restore()
-                bar.update(1)
-                return candidate(scales, ref, img, txt, s.min_retention, stage, time.perf_counter() - t)
-
-            lo, hi = s.scale_range
-            start = (Candidate((0.0,), 1.0, 0.0, True, 1.0, vlm_text.kept_rate, vlm_image.mean_nll, vlm_text.mean_nll,
-                               stage="vlm") if lo == 0
-                     else evaluate((lo,), "grid"))
-            t1 = time.perf_counter()
-            cands = global_search(evaluate, start, lo, hi, s.budget)
-            chosen = best(cands)
-            if chosen is None:
-                raise SkillgraftError(
-                    f"no scale in {lo:g}:{hi:g} keeps the estimated retention at {s.min_retention:g}; "
-                    "lower the range's low end or the minimum retention")
-            if chosen.scale >= hi and len(cands) > 1:
-                warn(f"the pick is the top of the scale range ({hi:g}); a larger range may find more uptake")
-            if s.per_layer and len(groups) > 1:
-                start_g = dataclasses.replace(chosen, scales=tuple([chosen.scale] * len(groups)), stage="per-layer")
-                step = max(chosen.scale / 4, (hi - lo) / 100)
-                more = group_search(evaluate, start_g, s.budget, step, min_step=(hi - lo) / 200)
-                cands += [c for c in more if c is not start_g]
-                chosen = best([chosen, *more]) or chosen
-            timings["search_s"] = time.perf_counter() - t1
-            ip.restore()
+            chosen, cands = _search(st, prep, s, groups, device, bar, warn)
+            timings["search_s"] = time.perf_counter() - t0 - timings["setup_s"]
         finally:
             bar.close()
-        del model, ip
+        ref, st = st.ref, None  # the in-memory VLM is released before the checkpoint is written
         scale = schedule_of(chosen.scales, groups, prep.plan.n_layers)
-        final = recipe.model_copy(deep=True)
-        final.experts[0].scale = scale
-        t2 = time.perf_counter()
-        with atomic_output_dir(out, force) as tmp:
-            staged = tmp / "checkpoint"
-            result = inject(final, staged, device=device, shard_size=shard_size or DEFAULT_SHARD_SIZE,
-                            progress=progress, allow_unmatched=allow_unmatched, on_warning=None)
-            for f in staged.iterdir():
-                f.rename(tmp / f.name)
-            staged.rmdir()
-            timings["inject_s"] = time.perf_counter() - t2
-            timings["total_s"] = time.perf_counter() - t0
-            report = write_outputs(tmp, recipe=final, chosen=chosen, candidates=cands, ref=ref, settings=s,
-                                   groups=groups, probes={"image_prompts": str(Path(image_prompts).resolve()),
-                                                          "text_prompts": str(Path(text_prompts).resolve()),
-                                                          "n_image": len(images), "n_text": len(texts)},
-                                   timings=timings, inject_report=result.report, plot=plot)
+    final = recipe.model_copy(deep=True)
+    final.experts[0].scale = scale
+    t2 = time.perf_counter()
+    with atomic_output_dir(out, force) as tmp:
+        staged = tmp / "checkpoint"  # inject's own atomic write, inside the one this function swaps in
+        result = inject(final, staged, device=device, shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                        progress=progress, allow_unmatched=allow_unmatched)
+        for f in staged.iterdir():
+            f.rename(tmp / f.name)
+        staged.rmdir()
+        timings["inject_s"] = time.perf_counter() - t2
+        timings["total_s"] = time.perf_counter() - t0
+        probes = {"image_prompts": str(Path(image_prompts).resolve()), "text_prompts": str(Path(text_prompts).resolve()),
+                  "n_image": len(images), "n_text": len(texts)}
+        report = write_outputs(tmp, recipe=final, chosen=chosen, candidates=cands, ref=ref, settings=s, groups=groups,
+                               probes=probes, timings=timings, inject_report=result.report, plot=plot)
     return TuneResult(out, chosen, scale, cands, report, timings)
 
 

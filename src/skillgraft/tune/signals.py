@@ -150,10 +150,22 @@ def teacher_answers(model: Any, processor: Any, probes: list[Probe], *, max_new_
 
 
 @torch.no_grad()
-def score(model: Any, probes: ProbeSet, device: str = "cpu") -> Score:
-    """How ``model`` answers the teacher-forced ``probes``, prompt by prompt."""
+def score(model: Any, probes: ProbeSet, device: str = "cpu",
+          give_up: Callable[[Score], bool] | None = None) -> Score:
+    """How ``model`` answers the teacher-forced ``probes``, prompt by prompt.
+
+    ``give_up(partial)`` is asked after each batch; when it says yes the prompts scored so far are
+    returned (a candidate already ruled out need not be scored to the end).
+    """
     kept, nll, tokens, matches = [], [], [], []
-    for b in probes.batches:
+
+    def result() -> Score:
+        out = Score(torch.cat(kept), torch.cat(nll), torch.cat(tokens), torch.cat(matches))
+        if not bool(torch.isfinite(out.nll).all()):
+            raise SkillgraftError("a candidate produced non-finite log-probabilities; lower the scale range")
+        return out
+
+    for i, b in enumerate(probes.batches):
         inputs = {k: v.to(device) for k, v in b.inputs.items()}
         logits = model(**inputs, logits_to_keep=b.keep, use_cache=False).logits[:, :-1].float()
         ans = b.answers.to(device)
@@ -168,7 +180,6 @@ def score(model: Any, probes: ProbeSet, device: str = "cpu") -> Score:
         nll.append(-torch.where(valid, lp, 0.0).sum(dim=1).double().cpu())
         tokens.append(valid.sum(dim=1).cpu())
         matches.append((hit & valid).sum(dim=1).cpu())
-    out = Score(torch.cat(kept), torch.cat(nll), torch.cat(tokens), torch.cat(matches))
-    if not bool(torch.isfinite(out.nll).all()):
-        raise SkillgraftError("a candidate produced non-finite log-probabilities; lower the scale range")
-    return out
+        if give_up is not None and i + 1 < len(probes.batches) and give_up(result()):
+            break
+    return result()
