@@ -36,14 +36,27 @@ def test_block_stats_by_hand():
     # a lower threshold admits more entries: tv |x| >= 0.943 -> entries 0, 1, 2; te |x| >= 1.146 -> 0, 2
     s2 = block_stats(tv, te, b, threshold=0.5)
     assert (s2.both, s2.conflicts) == (2, 1)
+    # signs examined on every 2nd entry only (large tensors): entries 0 and 2; norms stay exact
+    s3 = block_stats(tv, te, b, threshold=0.5, stride=2)
+    assert (s3.m, s3.both, s3.conflicts, s3.vv) == (2, 2, 1, 14.25)
 
 
 def test_stats_add_up():
-    a = PairStats(n=2, vv=1.0, ee=4.0, ve=-1.0, bb=9.0, both=1, conflicts=1)
-    a += PairStats(n=2, vv=3.0, ee=0.0, ve=0.5, bb=7.0, both=1, conflicts=0)
-    assert a.to_dict() == {"n": 4, "vv": 4.0, "ee": 4.0, "ve": -0.5, "bb": 16.0, "both": 2, "conflicts": 1}
+    a = PairStats(n=2, m=2, vv=1.0, ee=4.0, ve=-1.0, bb=9.0, both=1, conflicts=1)
+    a += PairStats(n=2, m=2, vv=3.0, ee=0.0, ve=0.5, bb=7.0, both=1, conflicts=0)
+    assert a.to_dict() == {"n": 4, "m": 4, "vv": 4.0, "ee": 4.0, "ve": -0.5, "bb": 16.0, "both": 2, "conflicts": 1}
     assert a.summary()["sign_conflict"] == 0.5 and a.summary()["cosine"] == pytest.approx(-0.5 / 4)
     assert PairStats().summary()["ratio"] is None  # undefined, not a division error
+
+
+def test_effective_rank_rows_of_a_large_matrix(monkeypatch):
+    monkeypatch.setattr(inspect_mod, "RANK_ROWS", 4)
+    assert inspect_mod.rank_rows(4) is None
+    assert inspect_mod.rank_rows(10).tolist() == [0, 3, 6, 9]
+    x = torch.arange(40.0).reshape(10, 4)
+    zero = torch.zeros(10, 4)
+    _, kept = inspect_mod.entry_stats(zero, x, zero, 1.0, keep_expert_delta=True)
+    assert torch.equal(kept, x[[0, 3, 6, 9]])
 
 
 def test_effective_rank_by_hand():

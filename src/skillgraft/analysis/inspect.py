@@ -29,11 +29,12 @@ from ..mapping.plan import Entry, Plan
 from ..pipeline import prepare
 from ..recipe import Recipe
 from ..schedule import lm_layer_index, module_kind
-from .stats import DEFAULT_THRESHOLD, PairStats, block_stats, effective_rank
+from .stats import DEFAULT_THRESHOLD, SIGN_EXACT, SIGN_STRIDE, PairStats, block_stats, effective_rank
 from .vocab import compare, read_vocab
 
 BLOCK_ELEMENTS = 1 << 22  # entries per row block (16 MB per float32 operand)
 DEFAULT_RANK_SAMPLES = 8
+RANK_ROWS = 512  # a sampled matrix with more rows is measured on this many evenly spaced rows
 CLOSE_TO_BASE = 0.1  # fine-tunes move weights by a few percent; above this a model is "far" from the base
 
 Key = tuple[int | None, str]
@@ -90,7 +91,9 @@ class Inspection:
             "decoder_layers": self.n_layers,
             "definitions": {
                 "non_negligible": f"|tau| >= {self.threshold:g} x the task vector's RMS over its row block",
-                "effective_rank": "entropy-based: exp(H(p)), p_i = sigma_i / sum(sigma) (Roy and Vetterli, 2007)",
+                "effective_rank": "entropy-based: exp(H(p)), p_i = sigma_i / sum(sigma) (Roy and Vetterli, 2007), "
+                                  f"on at most {RANK_ROWS} evenly spaced rows; ratio: to the measured block's smaller side",
+                "sign_conflict_sample": f"every {SIGN_STRIDE}th row of tensors over {SIGN_EXACT} entries",
                 "norm_matched_scale": "|tau_V| / |tau_E| over all merged tensors",
             },
             "overall": {**self.total().summary(), "norm_matched_scale": self.norm_matched_scale(),
@@ -149,25 +152,42 @@ def _row_blocks(shape: tuple[int, ...]) -> list[Any]:
     return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [slice(0, 0)]
 
 
+def rank_rows(n_rows: int) -> torch.Tensor | None:
+    """The rows of a sampled matrix its effective rank is measured on (None: all of them)."""
+    if n_rows <= RANK_ROWS:
+        return None
+    return torch.linspace(0, n_rows - 1, RANK_ROWS).round().long().unique()
+
+
 def entry_stats(v: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, threshold: float,
                 keep_expert_delta: bool = False) -> tuple[PairStats, torch.Tensor | None]:
-    """The sums of one tensor triple, block by block; the expert's float32 delta when asked for."""
+    """The sums of one tensor triple, block by block; with ``keep_expert_delta`` also the expert's
+    float32 delta on the rows its effective rank is measured on (``rank_rows``)."""
     total = PairStats()
     kept: list[torch.Tensor] = []
+    n = 1
+    for d in v.shape:
+        n *= d
+    stride = 1 if n <= SIGN_EXACT else SIGN_STRIDE
+    rows = rank_rows(v.shape[0]) if keep_expert_delta and v.dim() > 0 else None
     for blk in _row_blocks(tuple(v.shape)):
-        vf = v[blk].float()
-        xf = x[blk].float()
+        # fresh float32 copies, changed in place (never the reader's own buffer, which may be mapped)
+        vf, xf = v[blk].to(torch.float32, copy=True), x[blk].to(torch.float32, copy=True)
         if b is None:  # no base: the expert's distance from the VLM, relative to the VLM
-            d = xf.sub_(vf)
-            total += PairStats(n=d.numel(), ee=float(d.square().sum()), bb=float(vf.square().sum()))
-            tau_e = d
+            d, r = xf.sub_(vf).reshape(-1), vf.reshape(-1)
+            total += PairStats(n=d.numel(), ee=float(torch.dot(d, d)), bb=float(torch.dot(r, r)))
+            tau_e = xf
         else:
             bf = b[blk].float()
             tau_v, tau_e = vf.sub_(bf), xf.sub_(bf)
-            total += block_stats(tau_v, tau_e, bf, threshold)
+            total += block_stats(tau_v, tau_e, bf, threshold, stride)
         if keep_expert_delta:
-            kept.append(tau_e)
-    return total, (torch.cat(kept) if kept and len(kept) > 1 else (kept[0] if kept else None))
+            if rows is None:
+                kept.append(tau_e)
+            else:
+                mine = rows[(rows >= blk.start) & (rows < blk.stop)] - blk.start
+                kept.append(tau_e[mine])
+    return total, (torch.cat(kept) if len(kept) > 1 else (kept[0] if kept else None))
 
 
 def _verdict(rel: float | None) -> str:
@@ -230,8 +250,8 @@ def inspect_pair(vlm: str | Path, expert: str | Path, base: str | Path | None = 
                 groups[key] += st
                 if delta is not None:
                     er = effective_rank(delta)
-                    ranks.append({"tensor": e.lm_name, "shape": list(delta.shape), "effective_rank": er,
-                                  "ratio": er / min(delta.shape)})
+                    ranks.append({"tensor": e.lm_name, "shape": list(e.shape), "rows_measured": delta.shape[0],
+                                  "effective_rank": er, "ratio": er / min(delta.shape)})
                 del v, x, b, delta
                 bar.update(plan.vlm.reader.nbytes(e.name))
         bar.close()

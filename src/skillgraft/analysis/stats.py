@@ -9,7 +9,8 @@ Definitions (tau_V = theta_V - theta_B, tau_E = theta_E - theta_B, sums over eve
   least ``threshold`` (default 1.0) times that task vector's root mean square over the row block it
   is read in (a whole tensor, or about 4M entries of a larger one). For Gaussian-like deltas that
   keeps the largest ~32% of each delta, about what TIES keeps (Yadav et al., NeurIPS 2023); two
-  unrelated deltas conflict on 50% of such entries, a shared direction on fewer;
+  unrelated deltas conflict on 50% of such entries, a shared direction on fewer. Tensors over
+  ``SIGN_EXACT`` entries are examined on every ``SIGN_STRIDE``-th row (norms are always exact);
 - the *effective rank* of a matrix (Roy and Vetterli, EUSIPCO 2007), entropy-based:
   ``exp(H(p))`` with ``p_i = sigma_i / sum_j sigma_j`` over its singular values; it equals k for k equal
   singular values and 1 for a rank-one matrix.
@@ -23,6 +24,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 DEFAULT_THRESHOLD = 1.0
+SIGN_EXACT = 1 << 20  # tensors up to this many entries have every entry examined for sign conflicts ...
+SIGN_STRIDE = 8       # ... larger ones every 8th row (the same rows of both deltas)
 
 
 @dataclass
@@ -30,6 +33,7 @@ class PairStats:
     """Sums over a group of entries; add groups with ``+=``. ``n`` counts entries."""
 
     n: int = 0
+    m: int = 0              # entries examined for sign conflicts (n, or a row sample of it)
     vv: float = 0.0         # |tau_V|^2
     ee: float = 0.0         # |tau_E|^2
     ve: float = 0.0         # <tau_V, tau_E>
@@ -52,7 +56,7 @@ class PairStats:
             "ratio": ne / nv if nv > 0 else None,
             "cosine": self.ve / (nv * ne) if nv > 0 and ne > 0 else None,
             "sign_conflict": self.conflicts / self.both if self.both else None,
-            "both_non_negligible": self.both / self.n if self.n else None,
+            "both_non_negligible": self.both / self.m if self.m else None,
             "rel_vlm": nv / nb if nb > 0 else None,
             "rel_expert": ne / nb if nb > 0 else None,
         }
@@ -61,27 +65,24 @@ class PairStats:
         return asdict(self)
 
 
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.square().mean().sqrt()
-
-
 def block_stats(tau_v: torch.Tensor, tau_e: torch.Tensor, base: torch.Tensor,
-                threshold: float = DEFAULT_THRESHOLD) -> PairStats:
-    """The sums of one row block of float32 task vectors and base weights (same shape); float32
-    arithmetic with pairwise summation, accumulated across blocks in float64."""
-    big = (tau_v.abs() >= threshold * _rms(tau_v)) & (tau_e.abs() >= threshold * _rms(tau_e))
-    # an all-zero delta has rms 0 and every entry would pass; zero entries have no sign
-    big &= (tau_v != 0) & (tau_e != 0)
-    differ = (tau_v > 0) != (tau_e > 0)
-    return PairStats(
-        n=tau_v.numel(),
-        vv=float(tau_v.square().sum()),
-        ee=float(tau_e.square().sum()),
-        ve=float(torch.dot(tau_v.reshape(-1), tau_e.reshape(-1))),
-        bb=float(base.square().sum()),
-        both=int(big.sum()),
-        conflicts=int((big & differ).sum()),
-    )
+                threshold: float = DEFAULT_THRESHOLD, stride: int = 1) -> PairStats:
+    """The sums of one row block of contiguous float32 task vectors and base weights (same shape).
+
+    Norms and the inner product are BLAS dot products over every entry (accumulated across blocks in
+    float64); sign conflicts are counted on every ``stride``-th row.
+    """
+    v, e, b = tau_v.reshape(-1), tau_e.reshape(-1), base.reshape(-1)
+    n = v.numel()
+    vv, ee = float(torch.dot(v, v)), float(torch.dot(e, e))
+    out = PairStats(n=n, vv=vv, ee=ee, ve=float(torch.dot(v, e)), bb=float(torch.dot(b, b)))
+    sv, se = (tau_v, tau_e) if stride == 1 or tau_v.dim() == 0 else (tau_v[::stride], tau_e[::stride])
+    out.m = sv.numel()
+    if vv > 0 and ee > 0 and n > 0:  # a zero delta has no non-negligible entry (and no sign)
+        big = (sv.abs() >= threshold * math.sqrt(vv / n)) & (se.abs() >= threshold * math.sqrt(ee / n))
+        out.both = int(big.sum())
+        out.conflicts = int((big & ((sv > 0) != (se > 0))).sum())
+    return out
 
 
 def effective_rank(matrix: torch.Tensor) -> float:
