@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "Example: skillgraft zoo probes expert-multilingual -o probes/")
     zr.add_argument("name", help="expert-multilingual, expert-instruct or expert-math")
     zr.add_argument("-o", "--out", required=True, help="directory to write (new or empty)")
-    zr.add_argument("-n", type=int, default=64, help="prompts per file (default 64)")
+    zr.add_argument("-n", type=int, default=256, help="prompts per file (default 256)")
     zr.set_defaults(func=run_probes)
 
 

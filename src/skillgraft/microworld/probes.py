@@ -32,7 +32,7 @@ _EXPERT_TASK: dict[str, tuple[str, tuple[str, ...]]] = {
     "expert-instruct": ("instruction", ("en",)),
     "expert-math": ("math", ("en",)),
 }
-DEFAULT_N = 64
+DEFAULT_N = 256
 
 
 def item_key(item: W.Item) -> tuple:
