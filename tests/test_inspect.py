@@ -138,9 +138,13 @@ def test_cli_inspect_writes_table_json_and_png(llava_triple, tmp_path, capsys):
 
 
 def test_cli_inspect_bad_input(llava_triple, tmp_path, capsys):
+    from skillgraft.microworld.zoo import zoo_path
+
     t = llava_triple
     for argv in (["inspect", str(t.vlm), str(tmp_path / "nope"), "--base", str(t.base)],
-                 ["inspect", str(t.vlm), str(t.expert), "--base", str(t.base), "--threshold", "0"]):
+                 ["inspect", str(t.vlm), str(t.expert), "--base", str(t.base), "--threshold", "0"],
+                 ["inspect", str(zoo_path("vlm")), str(zoo_path("expert-multilingual-lora")), "--base",
+                  str(zoo_path("base"))]):  # a LoRA adapter is not a checkpoint to compare
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err

@@ -13,6 +13,7 @@ from conftest import load_weights
 
 from skillgraft import cli
 from skillgraft.errors import SkillgraftError
+from skillgraft.io.outdir import foreign_entries
 from skillgraft.microworld.probes import write_probes
 from skillgraft.microworld.zoo import zoo_path
 from skillgraft.pipeline import inject
@@ -119,6 +120,7 @@ def test_tune_picks_a_scale_near_the_labelled_zone(tuned):
     data = json.loads((tuned.out_dir / "skillgraft_tune.json").read_text())
     assert data["chosen"]["scale"] == tuned.scale and len(data["candidates"]) == len(tuned.candidates)
     assert "(pick)" in (tuned.out_dir / "skillgraft_tune.md").read_text()
+    assert foreign_entries(tuned.out_dir) == []  # every file is listed as skillgraft's: --force may replace it
 
 
 def test_tuned_checkpoint_is_what_inject_writes_and_loads(tuned, tmp_path):
@@ -192,7 +194,9 @@ def test_bad_tune_settings(probes, tmp_path, capsys):
     base = ["tune", str(zoo_path("vlm")), str(zoo_path(EXPERT)), "--base", str(zoo_path("base")),
             "--image-prompts", str(probes["image_prompts"]), "--text-prompts", str(probes["text_prompts"]),
             "-o", str(tmp_path / "out"), "-q"]
-    for extra in (["--range", "1:0"], ["--budget", "0"], ["--min-retention", "1.5"], ["--dtype", "bfloat16"]):
-        assert cli.main(base + extra) == 2
+    lora = [a if a != str(zoo_path(EXPERT)) else str(zoo_path("expert-multilingual-lora")) for a in base]
+    for argv in [base + ["--range", "1:0"], base + ["--budget", "0"], base + ["--min-retention", "1.5"],
+                 base + ["--dtype", "bfloat16"], lora]:  # a LoRA adapter cannot answer the text prompts
+        assert cli.main(argv) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-        assert len(err) == 1 and err[0].startswith("error: "), (extra, err)
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import UNRELATED_DELTA
 from ..errors import SkillgraftError
+from ..mapping.checks import UNRELATED_DELTA
 from ..mapping.plan import Entry, Plan
 from ..pipeline import prepare
 from ..recipe import Recipe
 from ..schedule import lm_layer_index, module_kind
+from ..skills.detect import expert_kind
 from .stats import DEFAULT_THRESHOLD, SIGN_EXACT, SIGN_STRIDE, PairStats, block_stats, effective_rank
 from .vocab import compare, read_vocab
 
@@ -226,13 +227,22 @@ def inspect_pair(vlm: str | Path, expert: str | Path, base: str | Path | None = 
         raise SkillgraftError("the non-negligible threshold must be a positive number")
     if rank_samples < 0:
         raise SkillgraftError("the number of effective-rank samples cannot be negative")
+    if expert_kind(expert) != "checkpoint":
+        raise SkillgraftError(f"{expert} is a skill or LoRA adapter; inspect compares full checkpoints "
+                              "(skill info describes a skill's delta)")
     start = time.perf_counter()
+    # a diagnostic reports what a merge would refuse (other architecture, other tokenizer, other lineage)
     recipe = Recipe(vlm=str(vlm), base=str(base) if base is not None else None, experts=[{"model": str(expert)}],
-                    method="ta" if base is not None else "linear")
+                    method="ta" if base is not None else "linear", allow_arch_mismatch=True,
+                    allow_vocab_mismatch=True)
     with ExitStack() as stack:
-        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        prep = prepare(recipe, stack, allow_unmatched=allow_unmatched, ignore_lineage=True)
         plan = prep.plan
         has_base = base is not None
+        label = recipe.experts[0].label
+        if prep.sources.get(label, {}).get("kind", "checkpoint") != "checkpoint":  # a hub snapshot, resolved
+            raise SkillgraftError(f"{expert} is a skill or LoRA adapter; inspect compares full checkpoints "
+                                  "(skill info describes a skill's delta)")
         merged = [e for e in plan.entries if e.action == "merge"]
         sampled = rank_sample(merged, rank_samples)
         groups: dict[Key, PairStats] = {}
@@ -261,7 +271,7 @@ def inspect_pair(vlm: str | Path, expert: str | Path, base: str | Path | None = 
         result = Inspection(
             vlm=str(vlm), expert=str(expert), base=str(base) if base is not None else None,
             n_layers=plan.n_layers, groups=groups, ranks=ranks, lineage=lineage(plan, total, has_base),
-            tokenizer=compare(read_vocab(prep.paths["vlm"]), read_vocab(prep.paths[recipe.experts[0].label])),
+            tokenizer=compare(read_vocab(prep.paths["vlm"]), read_vocab(prep.paths[label])),
             threshold=threshold, warnings=list(prep.warnings),
         )
     result.seconds = time.perf_counter() - start

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from .. import report
 from .inspect import Inspection
 from .stats import PairStats
 
@@ -75,7 +75,7 @@ def table(ins: Inspection) -> str:
 
 def write_json(ins: Inspection, path: str | Path) -> Path:
     p = Path(path)
-    p.write_text(json.dumps(ins.to_dict(), indent=1))
+    report.write_json(p, ins.to_dict())
     return p
 
 

@@ -1,41 +1,27 @@
 """Do the VLM and the expert share a tokenizer? Read from the checkpoints' tokenizer files, no model code.
 
 A merged embedding row is only meaningful when the row's id means the same token in both models.
-The vocabulary is read from ``tokenizer.json`` (the ``tokenizers`` format every fast tokenizer saves:
-its model's vocabulary plus the added tokens), else from ``vocab.json``.
+The vocabularies are read as the merge's own check reads them (``mapping.vocab``); this module
+summarises them for ``inspect`` (sizes, ids shared, the first difference) instead of refusing.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..mapping.vocab import parse_vocab, vocab_file
+
 
 def read_vocab(checkpoint: str | Path) -> dict[int, str] | None:
-    """id -> token of a checkpoint's tokenizer, or None when it has no readable tokenizer file."""
-    root = Path(checkpoint)
-    data: Any = None
-    name = next((n for n in ("tokenizer.json", "vocab.json") if (root / n).is_file()), None)
-    if name is None:
+    """id -> token of a checkpoint's tokenizer (``mapping.vocab``'s files), or None when it has none readable."""
+    path = vocab_file(Path(checkpoint))
+    if path is None:
         return None
     try:
-        data = json.loads((root / name).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        return parse_vocab(path, path.read_bytes()) or None
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict):
-        return None
-    out: dict[int, str] = {}
-    model = data.get("model") if name == "tokenizer.json" else {"vocab": data}
-    vocab = model.get("vocab") if isinstance(model, dict) else None
-    if isinstance(vocab, dict):
-        out.update({int(i): str(t) for t, i in vocab.items() if isinstance(i, int)})
-    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
-        out.update({i: str(e[0]) for i, e in enumerate(vocab) if isinstance(e, list) and e})
-    for tok in (data.get("added_tokens") if name == "tokenizer.json" else None) or []:
-        if isinstance(tok, dict) and isinstance(tok.get("id"), int):
-            out[tok["id"]] = str(tok.get("content"))
-    return out or None
 
 
 def compare(vlm: dict[int, str] | None, expert: dict[int, str] | None) -> dict[str, Any]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..extras import require
-
-
+from .args import add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an entry is non-negligible when |delta| >= THRESHOLD x the delta's RMS (default 1.0)")
     p.add_argument("--rank-samples", type=int, default=8, help="matrices whose effective rank is computed (default 8)")
     p.add_argument("--allow-unmatched", action="store_true", help="skip VLM LM tensors without an expert counterpart")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_verbosity(p)
     p.set_defaults(func=run)
 
 
@@ -38,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import inspect, inspect_json, inspect_plot, inspect_table
 
     ins = inspect(args.vlm, args.expert, args.base, threshold=args.threshold, rank_samples=args.rank_samples,
-                  progress=not args.quiet and sys.stderr.isatty(), allow_unmatched=args.allow_unmatched)
+                  progress=show_progress(args), allow_unmatched=args.allow_unmatched)
     print(inspect_table(ins))
     if args.json:
         print(f"wrote {inspect_json(ins, args.json)}")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..extras import require
-from .args import add_recipe_args, recipe_from_args, warn
+from .args import add_recipe_args, add_verbosity, recipe_from_args, show_progress, warn
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -49,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per output shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous skillgraft output (never a directory of other files or an input)")
     p.add_argument("--plot", action="store_true", help="also draw the curve as skillgraft_tune.png (needs matplotlib)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_verbosity(p)
     p.set_defaults(func=run)
 
 
@@ -64,13 +64,8 @@ def run(args: argparse.Namespace) -> int:
     settings = TuneSettings(scale_range=args.range, budget=args.budget, per_layer=args.per_layer, groups=args.groups,
                             min_retention=args.min_retention, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, max_prompts=args.max_prompts, raw_prompts=args.raw_prompts)
-    progress = not args.quiet and sys.stderr.isatty()
-    if not progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # the CLI may change process-wide state
     result = tune(recipe, args.image_prompts, args.text_prompts, args.out, settings=settings, device=args.device,
-                  force=args.force, shard_size=args.shard_size, progress=progress,
+                  force=args.force, shard_size=args.shard_size, progress=show_progress(args),
                   allow_unmatched=args.allow_unmatched, plot=args.plot, on_warning=warn)
     c = result.chosen
     scale = (f"{result.scale:.3f}" if isinstance(result.scale, float)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipe import Recipe
+from ..report import write_json
 from ..version import __version__
 from .objective import Candidate, Reference
 
@@ -112,6 +113,14 @@ def write_outputs(out: Path, *, recipe: Recipe, chosen: Candidate, candidates: l
     }
     (out / JSON_NAME).write_text(json.dumps(data, indent=1))
     (out / MD_NAME).write_text(markdown(data, candidates, chosen))
+    written = [JSON_NAME, MD_NAME]
     if plot:
         plot_curve(candidates, chosen, settings.min_retention, out / PNG_NAME)
+        written.append(PNG_NAME)
+    # the output's report lists every file skillgraft wrote, so that a later --force may replace them
+    report_path = out / "skillgraft_report.json"
+    if report_path.is_file():
+        merged = json.loads(report_path.read_text())
+        merged["files"] = sorted(set(merged.get("files") or []) | set(written))
+        write_json(report_path, merged)
     return data

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,18 +21,23 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_SHARD_SIZE
-from ..engine import unrelated_weights_check
 from ..errors import SkillgraftError
 from ..evaluate import load_model
-from ..io.outdir import atomic_output_dir, check_output_dir
-from ..pipeline import check_device, inject, prepare
+from ..io.outdir import OutputDir
+from ..mapping.checks import unrelated_weights_check
+from ..pipeline import check_device, inject, input_paths, prepare
 from ..recipe import Recipe
+from ..skills.detect import expert_kind
 from ..sweep.inplace import InPlaceModel
 from .objective import DEFAULT_MIN_RETENTION, Candidate, Reference, best, candidate
 from .prompts import read_image_prompts, read_text_prompts, render, tokenizer_of
 from .report import write_outputs
 from .search import global_search, group_search
 from .signals import score, teacher_answers
+
+log = logging.getLogger("skillgraft")
+_NOT_A_MODEL = ("tune needs the expert as a model that answers the text prompts; a skill or LoRA adapter is a "
+                "task vector only: give the expert checkpoint")
 
 DEFAULT_BUDGET = 12
 DEFAULT_RANGE = (0.0, 2.0)
@@ -180,54 +186,65 @@ def tune(recipe: Recipe, image_prompts: str | Path, text_prompts: str | Path, ou
          settings: TuneSettings | None = None, device: str = "cpu", force: bool = False,
          shard_size: str | int | None = None, progress: bool = True, allow_unmatched: bool = False,
          plot: bool = False, on_warning: Callable[[str], None] | None = None) -> TuneResult:
-    """Choose the expert's scale from unlabelled prompts and write the injected checkpoint to ``out``."""
+    """Choose the expert's scale from unlabelled prompts and write the injected checkpoint to ``out``.
+
+    Warnings go to the ``skillgraft`` logger, or to ``on_warning(message)`` when given. ``out`` is
+    claimed before any work as ``inject`` claims it (``io.outdir.OutputDir``); the probe files count as
+    inputs it must not overwrite.
+    """
     s = settings or TuneSettings()
     s.check()
     check_device(device)
-    out = Path(out)
-    check_output_dir(out, force)
     if len(recipe.experts) != 1:
         raise SkillgraftError("tune chooses the scale of one expert; give exactly one")
     if recipe.dtype != "auto":
         raise SkillgraftError("tune scores candidates in the VLM's own dtype; leave the output dtype at auto")
-    images = read_image_prompts(image_prompts, s.max_prompts)
-    texts = read_text_prompts(text_prompts, s.max_prompts)
-    warn = on_warning or (lambda msg: None)
+    if expert_kind(recipe.experts[0].model) != "checkpoint":
+        raise SkillgraftError(_NOT_A_MODEL)
+    say = on_warning or log.warning
+    probe_files = [("image prompts", Path(image_prompts)), ("text prompts", Path(text_prompts))]
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    with ExitStack() as stack:
+    with ExitStack() as stack:  # OUT is claimed (checked and locked) before any work
+        target = stack.enter_context(OutputDir(out, force, inputs=input_paths(recipe) + probe_files, log=say))
+        images = read_image_prompts(image_prompts, s.max_prompts)
+        texts = read_text_prompts(text_prompts, s.max_prompts)
         prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
+        label = recipe.experts[0].label
+        if prep.sources.get(label, {}).get("kind", "checkpoint") != "checkpoint":  # a hub snapshot, resolved
+            raise SkillgraftError(_NOT_A_MODEL)
         for w in prep.warnings + unrelated_weights_check(prep.plan):
-            warn(w)
+            say(w)
         groups = layer_groups(prep.plan.n_layers, s.groups)
         bar = tqdm(total=len(texts) + len(images) + s.budget * (2 if s.per_layer else 1), desc="tuning",
                    unit="step", disable=not progress, leave=False)
         try:
             st = _setup(prep, recipe, images, texts, s, device, bar, allow_unmatched)
             timings["setup_s"] = time.perf_counter() - t0
-            chosen, cands = _search(st, prep, s, groups, device, bar, warn)
+            chosen, cands = _search(st, prep, s, groups, device, bar, say)
             timings["search_s"] = time.perf_counter() - t0 - timings["setup_s"]
         finally:
             bar.close()
         ref, st = st.ref, None  # the in-memory VLM is released before the checkpoint is written
         scale = schedule_of(chosen.scales, groups, prep.plan.n_layers)
-    final = recipe.model_copy(deep=True)
-    final.experts[0].scale = scale
-    t2 = time.perf_counter()
-    with atomic_output_dir(out, force) as tmp:
-        staged = tmp / "checkpoint"  # inject's own atomic write, inside the one this function swaps in
-        result = inject(final, staged, device=device, shard_size=shard_size or DEFAULT_SHARD_SIZE,
-                        progress=progress, allow_unmatched=allow_unmatched)
-        for f in staged.iterdir():
-            f.rename(tmp / f.name)
-        staged.rmdir()
-        timings["inject_s"] = time.perf_counter() - t2
-        timings["total_s"] = time.perf_counter() - t0
-        probes = {"image_prompts": str(Path(image_prompts).resolve()), "text_prompts": str(Path(text_prompts).resolve()),
-                  "n_image": len(images), "n_text": len(texts)}
-        report = write_outputs(tmp, recipe=final, chosen=chosen, candidates=cands, ref=ref, settings=s, groups=groups,
-                               probes=probes, timings=timings, inject_report=result.report, plot=plot)
-    return TuneResult(out, chosen, scale, cands, report, timings)
+        final = recipe.model_copy(deep=True)
+        final.experts[0].scale = scale
+        t2 = time.perf_counter()
+        with target.stage() as tmp:
+            staged = tmp / "checkpoint"  # inject's own atomic write, inside the directory swapped in as OUT
+            result = inject(final, staged, device=device, shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                            progress=progress, allow_unmatched=allow_unmatched, on_warning=lambda m: None)
+            for f in staged.iterdir():
+                f.rename(tmp / f.name)
+            staged.rmdir()
+            timings["inject_s"] = time.perf_counter() - t2
+            timings["total_s"] = time.perf_counter() - t0
+            probes = {"image_prompts": str(Path(image_prompts).resolve()),
+                      "text_prompts": str(Path(text_prompts).resolve()), "n_image": len(images), "n_text": len(texts)}
+            report = write_outputs(tmp, recipe=final, chosen=chosen, candidates=cands, ref=ref, settings=s,
+                                   groups=groups, probes=probes, timings=timings, inject_report=result.report,
+                                   plot=plot)
+    return TuneResult(Path(out), chosen, scale, cands, report, timings)
 
 
 def _processor(path: Path) -> Any:
