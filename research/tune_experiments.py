@@ -595,6 +595,16 @@ def report(R: dict[str, Any], out: Path) -> str:
               "pairs (1 or -1: the statistic orders the zones; near 0: it does not):", "",
               "| statistic | Spearman |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {f3(spearman(v, ys))} |" for k, v in xs_stat.items()]
+    rho = {k: spearman(v, ys) for k, v in xs_stat.items()}
+    top = sorted((k for k in rho if rho[k] is not None), key=lambda k: -abs(rho[k]))[:3]
+    nm = [R["inspect"][e]["overall"]["norm_matched_scale"] for e in EXPERTS]
+    lines += ["", "Plainly: no. The statistics with the largest correlations ("
+              + ", ".join(f"{k.replace('_', ' ')} {rho[k]:+.2f}" for k in top)
+              + ") get them by ranking the math expert apart from the other two; none says where a zone lies "
+              f"(the norm-matched scale is {min(nm):.2f}-{max(nm):.2f} for zones from {min(ys):.1f} to {max(ys):.1f}), "
+              f"the method-matched scale, the only one that differs between the methods of an expert, correlates at "
+              f"{rho['method_matched']:+.2f}, and three experts cannot tell a predictor from a coincidence. The zone "
+              "had to be found by measuring the merged model, which is what `tune` does."]
     lines += ["", "Method-matched scale per pair: " + ", ".join(
         f"{e.removeprefix('expert-')}/{m} {R['method_norms'][e + '/' + m]:.3f}" for e in EXPERTS for m in METHODS) + "."]
     # --- speed
