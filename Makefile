@@ -1,4 +1,4 @@
-# Two commands for a fresh machine with Python 3.11+ and pip:
+# Two commands for a fresh machine with Python 3.11+ and pip (the README's quickstart):
 #   make demo   # runs `skillgraft demo` on the shipped micro-world
 #   make test   # runs the test suite (pytest)
 PYTHON ?= python3
@@ -13,6 +13,7 @@ $(BIN)/.skillgraft-installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch; an unpinned torch would pull gigabytes of CUDA wheels
 	$(BIN)/python -m pip install -q torch==2.13.0
+	# '.[test]': every extra (sweep, ray), pytest, and the reference tools the tests compare against
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 

@@ -8,7 +8,7 @@ Prints, for the in-place sweep (the default path when the VLM fits in memory):
                   the 16 points plus the baseline a sweep needs for retention)
     sweep         `run_sweep` wall time: load, task-vector cache, baseline, 16 x (apply, evaluate,
                   restore), SQLite writes (report not included)
-    ratio         sweep / 16 evaluations alone   (the issue's bound: at most 1.3)
+    ratio         sweep / 16 evaluations alone   (target: at most 1.3)
     per point     sum(total_s) / sum(eval_s) over the 16 trials (apply + restore overhead only)
 
 With --streaming, also the fallback path (each point merged to a temporary checkpoint and loaded
@@ -97,7 +97,7 @@ def main() -> None:
     print(f"evals alone: load + {n + 1} evaluations {alone:8.2f} s;  {n} evaluations only {only_n:8.2f} s")
     print(f"in-place sweep (load, cache, baseline, {n} points, store): {wall:8.2f} s")
     print(f"  ratio vs load + {n + 1} evaluations: {wall / alone:.3f}")
-    print(f"  ratio vs {n} evaluations only:       {wall / only_n:.3f}   (the issue's bound: 1.3)")
+    print(f"  ratio vs {n} evaluations only:       {wall / only_n:.3f}   (target: at most 1.3)")
     print(f"  per point (apply+eval+restore / eval): {per_point:.3f}")
     if runs_stream:
         wall_s, per_point_s = min(runs_stream)

@@ -80,7 +80,12 @@ def test_existing_output_needs_force(llava_triple, tmp_path):
     assert_user_error(p, "--force")
     assert (out / "keep.txt").read_text() == "mine"
     p = run_cli("inject", t.vlm, t.expert, "--base", t.base, "-o", out, "--force", "-q")
-    assert p.returncode == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert_user_error(p, "did not write")  # --force replaces only a previous skillgraft output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli("inject", t.vlm, t.expert, "--base", t.base, "-o", out, "-q").returncode == 0
+    p = run_cli("inject", t.vlm, t.expert, "--base", t.base, "-o", out, "--force", "-q", "--scale", "0.5")
+    assert p.returncode == 0 and (out / "model.safetensors").is_file()
 
 
 def test_missing_base_for_task_vector_method(llava_triple, tmp_path):

@@ -414,8 +414,12 @@ def test_non_finite_inputs_are_refused_naming_tensor_and_file(llava_triple, tmp_
 def test_float16_overflow_is_refused(llava_triple, tmp_path):
     from skillgraft.errors import SkillgraftError
 
-    with pytest.raises(SkillgraftError, match=r"merged language_model\..* overflows float16 .* bfloat16 or float32"):
-        inject(_recipe(llava_triple, scale=1e7, dtype="float16"), tmp_path / "o", progress=False)
+    t = llava_triple
+    big = _damaged(t.expert, tmp_path / "expert", "model.layers.0.mlp.up_proj.weight", 1000.0)  # finite, large
+    r = Recipe(vlm=str(t.vlm), base=str(t.base), dtype="float16", experts=[ExpertSpec(model=str(big), scale=100)])
+    with pytest.raises(SkillgraftError, match=r"merged language_model\..*up_proj.weight overflows float16 \(largest "
+                                              r"magnitude 1e\+05\); merge to bfloat16 or float32"):
+        inject(r, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
 
@@ -491,8 +495,8 @@ def test_cli_max_memory_dry_run_and_refusal(llava_triple, tmp_path, capsys):
     assert "memory: at most 3.73 GiB; row blocks of up to 4,194,304 entries" in out
     assert "a top-k threshold per task vector" in out
     assert main([*args, "--max-memory", "10MB", "-o", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: max_memory 0.01 GB is too small") and err.count("\n") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: max_memory 0.01 GB is too small: this process already uses")
     assert main([*args, "--max-memory", "lots", "-o", str(tmp_path / "o")]) == 2
     assert "not a memory size: 'lots'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

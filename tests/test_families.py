@@ -1,4 +1,4 @@
-"""Per-family test bed for the injection engine (issue 2).
+"""Per-family test bed for the injection engine.
 
 For every VLM family, a tiny (VLM, base LLM, expert LLM) triple is built with the real
 transformers classes (``tests/vlm_factories.py``), then injected with Task Arithmetic:

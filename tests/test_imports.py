@@ -20,7 +20,7 @@ PKG = "skillgraft"
 
 # lowest first; a module belongs to the first layer with a prefix matching its dotted name
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("skillgraft.errors", "skillgraft.defaults", "skillgraft.version", "skillgraft.torch_state", "skillgraft.methods", "skillgraft.mapping.families",
+    ("skillgraft.errors", "skillgraft.extras", "skillgraft.defaults", "skillgraft.version", "skillgraft.torch_state", "skillgraft.methods", "skillgraft.mapping.families",
      "skillgraft.memory",
      "skillgraft.microworld.world", "skillgraft.microworld.tokenizer", "skillgraft.microworld.scenarios",
      "skillgraft.microworld.zoo"),

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import deserialize as st_deserialize
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from skillgraft.errors import SkillgraftError
 from skillgraft.io.outdir import atomic_output_dir
 from skillgraft.io.reader import CheckpointReader
+from skillgraft.io.safetensors_header import DTYPE_BITS, header_length, parse
 from skillgraft.io.resolve import resolve_checkpoint
 from skillgraft.io.writer import ShardedWriter, TensorSpec, parse_size
 
@@ -96,7 +103,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(SkillgraftError, match="no weights"):
         CheckpointReader(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage!garbage!")
-    with pytest.raises(SkillgraftError, match="not a readable safetensors"):
+    with pytest.raises(SkillgraftError, match="not a valid safetensors file"):
         CheckpointReader(tmp_path)
 
 
@@ -184,3 +191,178 @@ def test_writer_blocks_and_direct_io_give_the_same_file(tmp_path, direct):
         w2 = ShardedWriter(tmp_path / "x", [TensorSpec("a", (2, 3), torch.float32)], 10**9)
         (tmp_path / "x").mkdir()
         w2.write_block("a", torch.zeros(3, 3))
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+def _st_file(header: dict, data_size: int, pad: int = 0) -> bytes:
+    hb = json.dumps(header).encode() + b" " * pad
+    return struct.pack("<Q", len(hb)) + hb + bytes(data_size)
+
+
+@st.composite
+def valid_files(draw):
+    """(file bytes, header) of a well-formed safetensors file: random dtypes and shapes, offsets tiling the data."""
+    header: dict = {}
+    pos = 0
+    for i in range(draw(st.integers(0, 5))):
+        dtype = draw(st.sampled_from(sorted(DTYPE_BITS)))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        if math.prod(shape) * DTYPE_BITS[dtype] % 8:
+            shape.append(8)
+        size = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        header[f"t.{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + size]}
+        pos += size
+    if draw(st.booleans()):
+        header["__metadata__"] = {"format": "pt"}
+    order = draw(st.permutations(sorted(header)))  # JSON order need not follow the offsets
+    header = {k: header[k] for k in order}
+    return _st_file(header, pos, pad=draw(st.integers(0, 7))), header
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                  st.text(max_size=4), st.lists(st.integers(-3, 9), max_size=3))
+
+
+@st.composite
+def mutated_files(draw):
+    """A well-formed file after a few random edits of its header values, then maybe of its size or bytes."""
+    raw, header = draw(valid_files())
+    data_size = len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+    names = [k for k in header if k != "__metadata__"]
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["offset", "shift", "shift", "shape", "dtype", "drop", "junk", "metadata"]))
+        if op == "metadata" or not names:
+            header["__metadata__"] = draw(_JUNK)
+            continue
+        info = header[draw(st.sampled_from(names))]
+        offsets = info.get("data_offsets")
+        if op == "offset" and isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets):
+            offsets[draw(st.integers(0, 1))] += draw(st.integers(-40, 40))
+        elif op == "shift" and isinstance(offsets, list) and all(type(x) is int for x in offsets):
+            shift = draw(st.integers(-12, 12))  # same size, other bytes: overlaps and holes
+            info["data_offsets"] = [x + shift for x in offsets]
+        elif op == "shape":
+            info["shape"] = draw(st.lists(st.integers(-2, 6), max_size=3))
+        elif op == "dtype":
+            info["dtype"] = draw(st.sampled_from([*DTYPE_BITS, "Q7", "f32", ""]))
+        elif op == "drop":
+            info.pop(draw(st.sampled_from(["dtype", "shape", "data_offsets"])), None)
+        else:
+            info[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = draw(_JUNK)
+    raw = _st_file(header, data_size)
+    delta = draw(st.sampled_from([0, 0, 0, 0, -1, 1, -4, 4, -16, 16]))
+    raw = raw[:len(raw) + delta] if delta < 0 else raw + bytes(delta)
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1:]
+    return raw
+
+
+def _check_file(raw: bytes) -> dict | None:
+    """Parse ``raw`` as a whole file; only SkillgraftError may escape. When accepted, the entries must tile the
+    data section exactly and the official library must accept the same file with the same tensors."""
+    try:
+        n = header_length(raw[:8], len(raw))
+        entries = parse(raw[8:8 + n], len(raw))
+    except SkillgraftError:
+        return None
+    data_size = len(raw) - 8 - n
+    pos = 0
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        assert e.begin == pos and 0 <= e.begin <= e.end <= data_size
+        assert (e.end - e.begin) * 8 == math.prod(e.shape) * DTYPE_BITS[e.dtype]
+        pos = e.end
+    assert pos == data_size
+    official = {name: (d["dtype"], d["shape"], len(d["data"])) for name, d in st_deserialize(raw)}
+    assert official == {k: (e.dtype, list(e.shape), e.end - e.begin) for k, e in entries.items()}
+    return entries
+
+
+FUZZ = settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(valid_files())
+def test_header_parser_accepts_well_formed_files(case):
+    raw, header = case
+    entries = _check_file(raw)
+    assert entries is not None and set(entries) == {k for k in header if k != "__metadata__"}
+
+
+@FUZZ
+@given(mutated_files())
+def test_header_parser_on_mutated_headers(raw):
+    _check_file(raw)
+
+
+@FUZZ
+@given(st.binary(max_size=120), st.integers(0, 200))
+def test_header_parser_on_random_bytes(junk, n):
+    _check_file(struct.pack("<Q", n) + junk)
+    _check_file(junk)
+
+
+def test_every_dtype_the_format_defines_is_read_or_refused_by_name(tmp_path):
+    readable = {"U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+                "F8_E4M3": torch.float8_e4m3fn, "BOOL": torch.bool}
+    for name, dtype in readable.items():
+        d = tmp_path / name
+        d.mkdir()
+        t = torch.arange(6).reshape(2, 3).to(dtype)
+        save_file({"w": t}, d / "model.safetensors")
+        r = CheckpointReader(d)
+        assert r.dtype("w") == dtype and torch.equal(r.get("w"), t), name
+    for name in ("F4", "F6_E2M3", "F6_E3M2"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(_st_file({"w": {"dtype": name, "shape": [2, 4], "data_offsets": [0, 8 * DTYPE_BITS[name] // 8]}}, 8 * DTYPE_BITS[name] // 8))
+        with pytest.raises(SkillgraftError, match=f"dtype {name}, which skillgraft cannot read"):
+            CheckpointReader(d)
+
+
+@pytest.mark.parametrize("header,data,fragment", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, 8, "non-negative"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "overlaps"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "belong to no tensor"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 8, "after the last tensor"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}, 8, "truncated"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "needs 12 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, 8, "shape"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], }, "__metadata__": {"x": 1}}, 8, "__metadata__"),
+    ({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, 2, "whole bytes"),
+])
+def test_header_refusals_name_the_problem(header, data, fragment):
+    raw = _st_file(header, data)
+    with pytest.raises(SkillgraftError, match=fragment):
+        parse(raw[8:len(raw) - data], len(raw))
+
+
+def test_header_length_limits():
+    with pytest.raises(SkillgraftError, match="limit"):
+        header_length(struct.pack("<Q", 100_000_001), 200_000_000)
+    with pytest.raises(SkillgraftError, match="past the end"):
+        header_length(struct.pack("<Q", 100), 50)
+    with pytest.raises(SkillgraftError, match="too short"):
+        header_length(b"\x01\x00", 2)
+
+
+def test_duplicate_tensor_names_are_refused():
+    hb = b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
+    with pytest.raises(SkillgraftError, match="twice"):
+        parse(hb, 8 + len(hb) + 1)
+
+
+def test_hub_cache_links_into_blobs_are_followed(tmp_path):
+    """A hub snapshot's files link into the repository's blobs/: inside, by the one exception to the rule."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, repo / "blobs" / "deadbeef")
+    (snap / "model.safetensors").symlink_to("../../blobs/deadbeef")
+    assert torch.equal(CheckpointReader(snap).get("w"), torch.ones(2))
+    outside = tmp_path / "other"
+    outside.mkdir()
+    (outside / "model.safetensors").symlink_to(repo / "blobs" / "deadbeef")
+    with pytest.raises(SkillgraftError, match="outside the checkpoint"):
+        CheckpointReader(outside)

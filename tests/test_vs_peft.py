@@ -101,7 +101,7 @@ def test_dare_ties_exact_with_the_same_seed(shape, weights, density, peft_sign, 
 
 @pytest.mark.parametrize("density", [0.1, 0.5])
 def test_dare_rescales_by_one_over_density_in_both(density):
-    """The check the issue asks for: kept entries are tau / density, in PEFT (>= 0.10) and in ours.
+    """DARE's rescale: kept entries are tau / density, in PEFT (>= 0.10) and in ours.
 
     Older PEFT releases and one published VLM-merging script kept tau unscaled; with such a bug the
     kept entries would equal tau here and this test would fail.

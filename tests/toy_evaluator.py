@@ -34,10 +34,11 @@ class ToyEvaluator:
     supports_loaded = True
 
     def __init__(self, vlm: str, base: str, expert: str, peak: float = 0.8, width: float = 0.5, safe: float = 0.9,
-                 slope: float = 0.5, delay: float = 0.0):
+                 slope: float = 0.5, delay: float = 0.0, items: int = 0):
         from skillgraft.evaluate import load_model
 
         self.peak, self.width, self.safe, self.slope, self.delay = peak, width, safe, slope, float(delay)
+        self.items = int(items)  # > 0: report scores as accuracies over this many items each
         v, _ = load_model(vlm)
         b, _ = load_model(base)
         e, _ = load_model(expert)
@@ -51,6 +52,9 @@ class ToyEvaluator:
 
     def default_target(self) -> list[str]:
         return ["target"]
+
+    def item_counts(self) -> dict[str, int] | None:
+        return {"general": self.items, "target": self.items} if self.items else None
 
     def load(self, model_dir: str | Path) -> tuple[Any, Any]:
         from skillgraft.evaluate import load_model

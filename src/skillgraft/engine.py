@@ -40,7 +40,7 @@ from .schedule import effective_weights, lm_layer_index, module_kind, value_at
 from .sources import Feed, FileSource, Inputs, MemorySource, Read, holds_deltas, sample_rows
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base
+UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base (skills use it)
 RANDOM_BLOCK = 1 << 22  # entries of a random block of row-local random methods (and the largest work block)
 ALL_ROWS = slice(None)  # a read of an entry held whole
 # outputs this large are written with O_DIRECT: copying them into the page cache cost more CPU than
@@ -168,11 +168,6 @@ def stats_stride(entry: Entry) -> int:
 def _sq(t: torch.Tensor) -> float:
     """Sum of squares (``square().sum()``: 3.5x faster than ``vector_norm`` on a strided row sample)."""
     return float(t.square().sum())
-
-
-def _rel_norm(delta: torch.Tensor, ref: torch.Tensor) -> float:
-    denom = float(torch.linalg.vector_norm(ref))
-    return float(torch.linalg.vector_norm(delta)) / denom if denom > 0 else float("inf")
 
 
 # ---------------------------------------------------------------------------------- jobs
@@ -603,42 +598,6 @@ def describe_plan(plan: Plan, s: MergeSettings) -> list[str]:
 # ---------------------------------------------------------------------------------- the run
 
 
-CHECK_ELEMENTS = 1 << 20
-
-
-def unrelated_weights_check(plan: Plan, samples: int = 3) -> list[str]:
-    """Warnings for experts (or the VLM) whose sampled deltas to the base look unlike a fine-tune.
-
-    Reads the first rows (about CHECK_ELEMENTS entries) of a few 2-D tensors before the run;
-    fine-tunes move weights by a few percent, unrelated models of the same shape by about sqrt(2).
-    Experts that hold task vectors already are not checked.
-    """
-    if plan.base is None:
-        return []
-    merged = [e for e in plan.entries if e.action == "merge" and len(e.shape) == 2 and e.rows is None]
-    if not merged:
-        return []
-    picks = {e.name: e for e in (merged[0], merged[len(merged) // 2], merged[-1])}
-    worst: dict[str, tuple[float, str]] = {}
-    for e in list(picks.values())[:samples]:
-        rows = max(1, min(e.shape[0], CHECK_ELEMENTS // max(1, e.shape[1])))
-        b = plan.base.reader.get_rows(e.base_name, rows).float()
-        pairs = [("vlm", plan.vlm.reader.get_rows(e.name, rows).float())] + [
-            (ck.label, ck.reader.get_rows(n, rows).float())
-            for ck, n in zip(plan.experts, e.expert_names) if not holds_deltas(ck.reader)
-        ]
-        for label, x in pairs:
-            rel = _rel_norm(x - b, b)
-            if rel > worst.get(label, (-1.0, ""))[0]:
-                worst[label] = (rel, e.lm_name or e.name)
-    return [
-        f"{label} looks unrelated to the base: relative delta norm {rel:.2f} on {name} "
-        f"(fine-tunes are usually below 0.1); is --base the model it was derived from?"
-        for label, (rel, name) in worst.items()
-        if rel > UNRELATED_DELTA
-    ]
-
-
 @dataclass
 class RunStats:
     seconds: float
@@ -746,7 +705,8 @@ def run(
                         weights=job.args.weights,
                     )
                     if norms.deltas:
-                        info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) for x in norms.rel_deltas())))
+                        info["rel_delta_norm"] = dict(zip(labels, (round(x, 6) if math.isfinite(x) else None
+                                                                   for x in norms.rel_deltas())))
                     info["rel_change"] = round(norms.rel_change(), 6)
                 per_tensor[e.name] = info
             behind.drain()

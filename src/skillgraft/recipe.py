@@ -6,6 +6,7 @@ exactly with `skillgraft inject --recipe skillgraft_recipe.yaml -o OUT`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,12 +17,31 @@ from .errors import SkillgraftError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["inject", "symmetric"]
+MAX_WEIGHT = 100.0  # |scale|, |vlm_weight| and schedule multipliers: far past any useful merge, well short of overflow
+
+
+def _weight(v: Any, what: str) -> float:
+    """``v`` as a float when it is a finite number within +-MAX_WEIGHT, else a ValueError saying so."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"{what} must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} must be a number, got {v!r}")
+    if not math.isfinite(v) or abs(v) > MAX_WEIGHT:
+        raise ValueError(f"{what} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {v!r}")
+    return float(v)
+
+
+# Every float in a recipe is finite (pydantic refuses NaN and infinities), and assignments are validated too.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
 class ExpertSpec(BaseModel):
     """One expert LLM and how strongly its task vector is applied."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: str = Field(description="checkpoint directory or hub id of the expert LLM")
     name: str | None = Field(default=None, description="label used in reports; defaults to the directory name")
@@ -35,15 +55,28 @@ class ExpertSpec(BaseModel):
         description="fraction of the delta kept by sparsifying methods, in (0, 1], or a per-layer schedule like scale",
     )
 
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _finite_scale(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [_weight(x, "every scale in a schedule") for x in v]
+        return _weight(v, "scale")
+
     @property
     def label(self) -> str:
-        return self.name or Path(self.model.rstrip("/")).name or self.model
+        if self.name:
+            return self.name
+        ref = self.model.rstrip("/")
+        name = Path(ref).name or self.model
+        if "@" in name and not Path(ref).expanduser().is_dir():  # a hub id's revision is not part of its name
+            name = name.split("@", 1)[0]
+        return name
 
 
 class Recipe(BaseModel):
     """A complete merge: the VLM, its base LLM, the experts, the method and its settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     vlm: str = Field(description="target model: a VLM (or an LLM) checkpoint directory or hub id")
     base: str | None = Field(default=None, description="base LLM both the VLM's LM and the experts derive from")
@@ -68,6 +101,40 @@ class Recipe(BaseModel):
         default=None,
         description="multiplier of every expert's scale over the decoder depth (mergekit-gradient semantics)",
     )
+    allow_arch_mismatch: bool = Field(
+        default=False,
+        description="merge an expert whose model_type differs from the VLM's language model (shapes must still match)",
+    )
+    allow_vocab_mismatch: bool = Field(
+        default=False, description="merge vocabulary rows although the tokenizers assign different ids to tokens"
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _finite_parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name, x in v.items():
+            for item in x if isinstance(x, (list, tuple)) else [x]:
+                try:  # "nan" and "inf" read as words: still not finite
+                    number = float(item) if isinstance(item, (float, str)) else 0.0
+                except ValueError:
+                    continue
+                if not math.isfinite(number):
+                    raise ValueError(f"method parameter {name} must be a finite number, got {item!r}")
+        return v
+
+    @field_validator("vlm_weight")
+    @classmethod
+    def _finite_vlm_weight(cls, v: float) -> float:
+        return _weight(v, "vlm_weight")
+
+    @field_validator("schedule")
+    @classmethod
+    def _finite_schedule(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("a schedule needs at least one value")
+            v = [_weight(x, "every schedule value") for x in v]
+        return v
 
     @field_validator("experts")
     @classmethod
@@ -101,6 +168,12 @@ class Recipe(BaseModel):
             raise SkillgraftError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise SkillgraftError(f"{source}: expected a mapping with keys vlm, base, experts, ...")
+        if "merge_method" in data and "experts" not in data:
+            raise SkillgraftError(
+                f"{source} is a mergekit config; convert it with skillgraft.convert_mergekit({source!r}, vlm=VLM)",
+                cli=f"{source} is a mergekit config; give the VLM to merge into with --vlm VLM "
+                f"(or write a recipe: skillgraft convert {source} --vlm VLM -o recipe.yaml)",
+            )
         return cls.from_dict(data, source)
 
     @classmethod

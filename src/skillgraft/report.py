@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .version import __version__
+from .io.resolve import Resolved, display_name
 from .mapping.plan import Plan
 from .recipe import Recipe
 
@@ -39,37 +43,147 @@ def build_report(recipe: Recipe, plan: Plan, tensors: dict[str, dict[str, Any]],
     }
 
 
+def _strict(x: Any) -> Any:
+    """``x`` with every non-finite float spelled as a string ("nan", "inf", "-inf"): strict JSON has none."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str))
+    """Write ``data`` as strict JSON (RFC 8259: no NaN or Infinity), readable by any parser."""
+    path.write_text(json.dumps(_strict(data), indent=1, default=str, allow_nan=False))
 
 
-def model_card(recipe: Recipe, report: dict[str, Any]) -> str:
-    """A README.md for the merged checkpoint: inputs, method, scales and what was merged."""
+CARD_TAGS = ["skillgraft", "merge", "cross-modal-skill-injection"]
+# carried from the VLM's own card when it has them; the pipeline tag falls back to the config
+_CARRIED = ("license", "license_name", "license_link", "pipeline_tag", "language")
+
+
+def vlm_card_metadata(vlm_dir: Path) -> dict[str, Any]:
+    """What the merged model's card inherits from the VLM: license and pipeline tag (and language),
+    read from the VLM's own card front matter, else the pipeline tag implied by its config."""
+    meta: dict[str, Any] = {}
+    card = Path(vlm_dir) / "README.md"
+    if card.is_file():
+        try:
+            front = yaml.safe_load(_front_matter(card.read_text(errors="replace"))) or {}
+        except yaml.YAMLError:
+            front = {}
+        if isinstance(front, dict):
+            meta = {k: front[k] for k in _CARRIED if front.get(k) not in (None, "", [])}
+    if "pipeline_tag" not in meta:
+        try:
+            config = json.loads((Path(vlm_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if isinstance(config, dict) and config:
+            meta["pipeline_tag"] = "image-text-to-text" if config.get("vision_config") else "text-generation"
+    return meta
+
+
+def _front_matter(text: str) -> str:
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return ""
+    for i, line in enumerate(lines[1:], 1):
+        if line.strip() == "---":
+            return "\n".join(lines[1:i])
+    return ""
+
+
+def card_metadata(resolved: dict[str, Resolved], vlm_meta: dict[str, Any]) -> dict[str, Any]:
+    """The card's front matter as a dict: hub ids of the inputs (VLM first), the merge relation,
+    the library, tags, and what is carried from the VLM's card."""
+    hub_ids: list[str] = []
+    order = ["vlm", *[k for k in resolved if k not in ("vlm", "base")], "base"]
+    for role in order:
+        r = resolved.get(role)
+        if r is not None and r.repo_id and r.repo_id not in hub_ids:
+            hub_ids.append(r.repo_id)
+    meta: dict[str, Any] = {}
+    if hub_ids:
+        meta["base_model"] = hub_ids
+        meta["base_model_relation"] = "merge"
+    meta["library_name"] = "transformers"
+    meta.update({k: vlm_meta[k] for k in _CARRIED if k in vlm_meta})
+    meta["tags"] = list(CARD_TAGS)
+    return meta
+
+
+def model_card(recipe: Recipe, report: dict[str, Any], resolved: dict[str, Resolved] | None = None,
+               vlm_meta: dict[str, Any] | None = None) -> str:
+    """A README.md for the merged checkpoint that the hub reads: front matter (base models, merge
+    relation, library, license and pipeline tag from the VLM) and a body with the inputs and their
+    revisions, the method, the scales, the recipe and what was merged."""
+    resolved = resolved or {}
+    meta = card_metadata(resolved, vlm_meta or {})
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     c = report["counts"]
-    experts = "\n".join(f"| {e['label']} | `{e['model']}` | {e['scale']} | {e['density']} |" for e in report["experts"])
-    base_models = [recipe.vlm, *(e.model for e in recipe.experts)]
-    front = "---\nbase_model:\n" + "".join(f"- {m}\n" for m in base_models) + "tags:\n- skillgraft\n- merge\n---\n"
-    return f"""{front}
-# Merged with skillgraft {report['skillgraft_version']}
+    roles = [("VLM", "vlm", recipe.vlm), *[(f"expert `{e.label}`", e.label, e.model) for e in recipe.experts]]
+    if recipe.base is not None:
+        roles.append(("base LLM", "base", recipe.base))
+    inputs = "\n".join(_input_row(what, resolved.get(key), ref) for what, key, ref in roles)
+    scales = "\n".join(
+        f"| {e['label']} | {_num(e['scale'])} | {_num(e['density'])} |" for e in report["experts"]
+    )
+    params = json.dumps(recipe.parameters) if recipe.parameters else "defaults"
+    name = display_name(recipe.vlm)
+    return f"""---
+{front}---
 
-The language model of the VLM `{recipe.vlm}` was merged with the expert(s) below, relative to the
-base LLM `{recipe.base}`, using **{recipe.method}** in **{recipe.mode}** mode (seed {recipe.seed}).
-Everything that is not language model (vision tower, projector, VLM-only vocabulary rows and layers)
-is copied from the VLM unchanged.
+# {name} + {", ".join(e.label for e in recipe.experts)} (skillgraft merge)
 
-| expert | checkpoint | scale | density |
-|---|---|---|---|
-{experts}
+The language model of the VLM below was merged with the expert LLM(s) below by skillgraft
+{report['skillgraft_version']}, relative to the base LLM they both derive from: cross-modal skill
+injection (Xu et al., *Investigating Cross-Modal Skill Injection: Scenarios, Methods, and
+Hyperparameters*, ACL 2026). Everything that is not language model (vision tower, projector,
+VLM-only vocabulary rows and layers) is the VLM's, bit for bit.
+
+## Inputs
+
+| role | checkpoint | revision |
+|---|---|---|
+{inputs}
+
+## Method
+
+**{recipe.method}** in **{recipe.mode}** mode, seed {recipe.seed}, output dtype {recipe.dtype};
+method parameters: `{params}`.
+
+| expert | scale | density |
+|---|---|---|
+{scales}
 
 Tensors: {c['merged']} merged ({c['row_sliced']} on the overlapping vocabulary rows only), {c['copied']} copied
-from the VLM, {c['total']} in all. Method parameters: `{json.dumps(recipe.parameters)}`.
-
-Reproduce with:
-
-    skillgraft inject --recipe skillgraft_recipe.yaml -o OUT
-
+from the VLM, {c['total']} in all; {len(report.get('warnings') or [])} warning(s).
 `skillgraft_report.json` lists what happened to every tensor.
+
+## Recipe
+
+```yaml
+{recipe.to_yaml().rstrip()}
+```
+
+Reproduce with `skillgraft inject --recipe skillgraft_recipe.yaml -o OUT`.
 """
+
+
+def _input_row(what: str, r: Resolved | None, ref: str) -> str:
+    if r is not None and r.repo_id:
+        link = f"[{r.repo_id}](https://huggingface.co/{r.repo_id})"
+        return f"| {what} | {link} | `{r.commit or r.revision or 'main'}` |"
+    return f"| {what} | `{ref}` | local directory |"
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, list):
+        return "per-layer schedule " + ", ".join(f"{x:g}" for x in v)
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def plan_table(plan: Plan, max_rows: int | None = None) -> str:

@@ -11,6 +11,7 @@ an in-place sweep).
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +64,23 @@ def read_rows(reader: Any, name: str, start: int, stop: int, direct: bool = Fals
     return reader.get_rows(name, stop)[start:stop]
 
 
+class _Whole:
+    """The tensor last read whole from a reader without ``read_rows`` (a skill, a LoRA adapter, which
+    compute their rows): its row blocks are cut from it instead of computing the first rows again."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, str] | None = None
+        self.tensor: Tensor | None = None
+        self.lock = threading.Lock()
+
+    def rows(self, reader: Any, name: str, start: int, stop: int) -> Tensor:
+        with self.lock:
+            if self.key != (id(reader), name):
+                self.key, self.tensor = None, None
+                self.tensor, self.key = reader.get(name), (id(reader), name)
+            return self.tensor[start:stop]
+
+
 def _sample_rows(reader: Any, name: str, rows: tuple[int, ...]) -> Tensor:
     return torch.cat([read_rows(reader, name, r, r + 1) for r in rows])
 
@@ -78,6 +96,7 @@ class FileSource:
     def __init__(self, plan: Plan, direct: bool = False):
         self.plan = plan
         self.direct = direct
+        self._whole = _Whole()
 
     def names(self, e: Entry) -> dict[str, Any]:
         p = self.plan
@@ -97,6 +116,8 @@ class FileSource:
             if req.rows == slice(None):  # the entry held whole: the VLM's every row, the others' merged rows
                 return reader.get(name) if role == "vlm" else reader.get_rows(name, e.rows)
             if isinstance(req.rows, slice):
+                if reader.shape(name) and getattr(reader, "read_rows", None) is None:
+                    return self._whole.rows(reader, name, req.rows.start, req.rows.stop)
                 return read_rows(reader, name, req.rows.start, req.rows.stop, self.direct)
             return _sample_rows(reader, name, req.rows)
 

@@ -12,11 +12,12 @@ import sys
 
 from ..version import __version__
 from ..errors import SkillgraftError
+from ..extras import missing_extra_message
 from ..memory import merge_process_policy
-from . import demo, evaluate, inject, methods, report, sweep, zoo
-from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser
+from . import convert, demo, evaluate, inject, inspect, methods, report, skill, sweep, tune, zoo
+from .args import EXIT_INTERRUPTED, EXIT_USAGE, Parser, configure_output
 
-COMMANDS = (inject, methods, sweep, report, demo, zoo, evaluate)
+COMMANDS = (inject, convert, methods, sweep, report, demo, zoo, evaluate, skill, inspect, tune)
 
 
 def build_parser() -> Parser:
@@ -35,6 +36,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `skillgraft` console script."""
     args = build_parser().parse_args(argv)
+    configure_output(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     restore = None
     if getattr(args, "merges", False):
         # process-wide allocator and thread policy: the command line's choice, never a library call's
@@ -43,11 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SkillgraftError as e:
-        print(f"error: {e}", file=sys.stderr)
+        one_line = " | ".join(line.strip() for line in e.for_cli().splitlines() if line.strip())
+        print(f"error: {one_line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left in the output directory", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as e:  # an optional dependency: name the extra that brings it
+        msg = missing_extra_message(e.name or "", f"skillgraft {args.command}")
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as e:
         print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE

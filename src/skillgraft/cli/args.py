@@ -6,7 +6,10 @@ Nothing here imports torch: ``skillgraft --help`` and ``--version`` build every 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import SkillgraftError
@@ -26,6 +29,53 @@ class Parser(argparse.ArgumentParser):
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    """``-v`` (more detail, repeatable) and ``-q`` (no progress bars, no library chatter)."""
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="say more: resolved checkpoints, the plan's counts (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars, and quiet transformers' own loading bars and logs")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: a log file gets no carriage-return bars."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+class _StderrHandler(logging.Handler):
+    """``warning: ...`` / ``error: ...`` lines on whatever ``sys.stderr`` is at the time of the call."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
+        print(prefix + record.getMessage(), file=sys.stderr)
+
+
+_handler = _StderrHandler()
+
+
+def configure_output(verbose: int = 0, quiet: bool = False) -> None:
+    """The CLI's logging: skillgraft's logger to stderr (warnings always; -v info, -vv debug), and
+    transformers / huggingface_hub progress bars and logs off with -q or when stderr is not a terminal."""
+    logger = logging.getLogger("skillgraft")
+    if _handler not in logger.handlers:
+        logger.addHandler(_handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    bars = not quiet and sys.stderr.isatty()
+    if not bars:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if quiet:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "transformers" in sys.modules:  # already imported (the CLI called in-process): tell it directly
+        from transformers.utils import logging as tf_logging
+
+        if not bars:
+            tf_logging.disable_progress_bar()
+        if quiet:
+            tf_logging.set_verbosity_error()
 
 
 def floats(text: str) -> float | list[float]:
@@ -55,7 +105,10 @@ def add_recipe_args(p: argparse.ArgumentParser, *, vlm_help: str, expert_help: s
     p.add_argument("vlm", nargs="?", help=vlm_help)
     p.add_argument("expert", nargs="?", help=expert_help)
     p.add_argument("--base", help="base LLM both derive from (needed by every task-vector method)")
-    p.add_argument("--recipe", help="YAML recipe (several experts, per-expert scale/density); replaces VLM EXPERT")
+    p.add_argument("--recipe", help="YAML recipe (several experts, per-expert scale/density) or a mergekit config "
+                   "(with --vlm); replaces VLM EXPERT")
+    p.add_argument("--vlm", dest="vlm_flag", metavar="VLM",
+                   help="with a mergekit config as --recipe: the VLM to merge into")
     p.add_argument("--mode", choices=["inject", "symmetric"], help="inject (default): VLM kept whole")
     p.add_argument("--exclude", action="append", default=[], metavar="KINDS",
                    help="keep these LM modules from the VLM: attention, mlp, norm, embed, lm_head or a regex "
@@ -65,6 +118,10 @@ def add_recipe_args(p: argparse.ArgumentParser, *, vlm_help: str, expert_help: s
     p.add_argument("--seed", type=int, help="seed for random methods (default 0)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the VLM's)")
     p.add_argument("--allow-unmatched", action="store_true", help="copy VLM LM tensors that have no expert counterpart")
+    p.add_argument("--allow-arch-mismatch", action="store_true",
+                   help="merge an expert whose model_type differs from the VLM's language model (refused by default)")
+    p.add_argument("--allow-vocab-mismatch", action="store_true",
+                   help="merge vocabulary rows although the tokenizers give some ids different tokens (refused by default)")
 
 
 def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
@@ -86,12 +143,15 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
     exclude = [x.strip() for item in args.exclude for x in item.split(",") if x.strip()]
     if exclude:
         overrides["exclude"] = exclude
+    for flag in ("allow_arch_mismatch", "allow_vocab_mismatch"):
+        if getattr(args, flag, False):
+            overrides[flag] = True
     if args.schedule is not None:
         overrides["schedule"] = args.schedule if isinstance(args.schedule, list) else [args.schedule]
     if args.recipe:
         if args.vlm or args.expert:
             raise SkillgraftError("give either --recipe or VLM EXPERT, not both")
-        data = Recipe.load(args.recipe).model_dump()
+        data = _load_recipe_file(args.recipe, getattr(args, "vlm_flag", None)).model_dump()
         if args.base:
             data["base"] = args.base
         for e in data["experts"]:
@@ -100,6 +160,8 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
         data.update(overrides)
         data["parameters"] = {**data.get("parameters", {}), **params}
         return Recipe.from_dict(data, args.recipe)
+    if getattr(args, "vlm_flag", None):
+        raise SkillgraftError("--vlm goes with a mergekit config as --recipe; otherwise give VLM EXPERT")
     if not args.vlm or not args.expert:
         raise SkillgraftError("give VLM and EXPERT checkpoints (or --recipe FILE)")
     expert: dict[str, Any] = {"model": args.expert}
@@ -109,3 +171,25 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
         expert["density"] = density
     data = {"vlm": args.vlm, "base": args.base, "experts": [expert], "parameters": params, **overrides}
     return Recipe.from_dict(data, "arguments")
+
+
+def _load_recipe_file(path: str, vlm: str | None):
+    """A skillgraft recipe, or a mergekit config converted with ``vlm`` as the model merged into."""
+    import yaml
+
+    from ..recipe import Recipe
+
+    p = Path(path)
+    if vlm is None:
+        return Recipe.load(p)
+    if not p.is_file():
+        raise SkillgraftError(f"recipe file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SkillgraftError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from ..convert.mergekit import convert_mergekit, is_mergekit_config
+
+    if not is_mergekit_config(data):
+        raise SkillgraftError(f"{p} is a skillgraft recipe, which names its VLM itself; drop --vlm")
+    return convert_mergekit(data, vlm, source=str(p))

@@ -7,23 +7,25 @@ import json
 from pathlib import Path
 
 from ..errors import SkillgraftError
+from .args import add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the micro-world benchmark")
-    e.add_argument("model", help="checkpoint directory (a VLM, or an LLM for text-only questions)")
+    e.add_argument("model", help="checkpoint directory or hub id (a VLM, or an LLM for text-only questions)")
     e.add_argument("--suite", default="microworld", choices=["microworld"])
     e.add_argument("--scenarios", help="comma-separated subset of general,cross_lingual,instruction,math")
     e.add_argument("--limit", type=int, help="items per scenario (default: all)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="write the scores to this JSON file")
-    e.add_argument("-q", "--quiet", action="store_true")
+    add_verbosity(e)
     e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # torch and transformers: imported when the command runs
     from ..api import check_device
+    from ..io.reader import CheckpointReader
     from ..evaluate.microworld import SCENARIOS, evaluate, format_table
 
     scenarios = None
@@ -32,11 +34,16 @@ def run(args: argparse.Namespace) -> int:
         bad = [s for s in scenarios if s not in SCENARIOS]
         if bad:
             raise SkillgraftError(f"unknown scenario {bad[0]!r}; choose from {', '.join(SCENARIOS)}")
+    if args.limit is not None and args.limit < 1:
+        raise SkillgraftError("--limit must be at least 1")
     check_device(args.device)
-    if not Path(args.model).is_dir():
-        raise SkillgraftError(f"model directory not found: {args.model}")
-    scores = evaluate(args.model, scenarios=scenarios, limit=args.limit, device=args.device, progress=not args.quiet)
-    print(format_table({Path(args.model).name: scores}))
+    from ..io.resolve import display_name, resolve_checkpoint
+
+    model = resolve_checkpoint(args.model, "model")
+    with CheckpointReader(model):  # headers, index paths and pickles checked before transformers loads it
+        pass
+    scores = evaluate(model, scenarios=scenarios, limit=args.limit, device=args.device, progress=show_progress(args))
+    print(format_table({display_name(args.model): scores}))
     if args.json:
         Path(args.json).write_text(json.dumps(scores, indent=2))
     return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
-from .args import EXIT_INTERRUPTED, add_recipe_args, parse_assignment, recipe_from_args
+from .args import EXIT_INTERRUPTED, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
 
 EVALUATORS = ("microworld", "jsonl", "command", "python")
 
@@ -39,7 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, default=32, help="jsonl: answer length cap (default 32)")
     g.add_argument("--prompt-template", default="{image} {question}",
                    help="jsonl, for models without a chat template: the prompt ({image}: the image token)")
-    g.add_argument("--eval-command", help="command: template with {model} (merged checkpoint) and {out} (a fresh dir)")
+    g.add_argument("--eval-command",
+                   help="command: template with {model} (merged checkpoint) and {out} (a fresh dir); split into "
+                   "arguments like a shell would and run WITHOUT a shell, {model} and {out} each replaced inside one argument")
+    g.add_argument("--eval-shell", action="store_true",
+                   help="command: run --eval-command through /bin/sh instead (pipes, redirections, variables); "
+                   "{model} and {out} reach the shell as the variables SKILLGRAFT_MODEL and SKILLGRAFT_OUT, "
+                   "never as text it parses")
     g.add_argument("--eval-json", help="command: JSON file to read metrics from ({out} and globs allowed)")
     g.add_argument("--eval-metric", action="append", default=[], metavar="NAME=PATH",
                    help="command: a score NAME read at dotted PATH in the JSON (e.g. general=results.mme.acc); repeatable")
@@ -62,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray-gpus-per-trial", type=float, default=0.0)
     r.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     p.add_argument("-o", "--out", required=True, help="sweep directory (created; resumed when it holds a sweep)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines")
+    add_verbosity(p)
     p.set_defaults(func=run)
 
 
@@ -72,8 +79,6 @@ def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
-    if args.limit is not None and args.limit < 1:
-        raise SkillgraftError("--limit must be at least 1")
     if args.eval == "microworld":
         return MicroworldEvaluator(scen, args.limit, args.device).spec()
     if args.eval == "jsonl":
@@ -94,7 +99,21 @@ def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
             raise SkillgraftError(f"--eval-metric expects NAME=PATH, got {m!r}")
         k, v = m.split("=", 1)
         metrics[k.strip()] = v.strip()
-    return CommandEvaluator(args.eval_command, args.eval_json, metrics).spec()
+    return CommandEvaluator(args.eval_command, args.eval_json, metrics, shell=args.eval_shell).spec()
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Counts at least 1, fractions and resources finite and in range: refused before anything runs."""
+    for flag, value in (("--trials", args.trials), ("--limit", args.limit), ("--ray-workers", args.ray_workers),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise SkillgraftError(f"{flag} must be at least 1")
+    if not (math.isfinite(args.ray_cpus_per_trial) and args.ray_cpus_per_trial > 0):
+        raise SkillgraftError("--ray-cpus-per-trial must be a positive number")
+    if not (math.isfinite(args.ray_gpus_per_trial) and args.ray_gpus_per_trial >= 0):
+        raise SkillgraftError("--ray-gpus-per-trial must be a number >= 0")
+    if not 0 < args.min_retention <= 1.5:
+        raise SkillgraftError("--min-retention must be a fraction such as 0.95")
 
 
 def build_config(args: argparse.Namespace):
@@ -112,13 +131,14 @@ def build_config(args: argparse.Namespace):
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SkillgraftError(f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}")
+    _check_numbers(args)
     if args.search in ("random", "optuna") and not args.trials:
         raise SkillgraftError(f"--search {args.search} needs --trials N")
     recipe = recipe_from_args(args, method=methods[0])
     labels = [e.label for e in recipe.experts]
     space = build_space(methods, args.vary, labels)
-    if args.trials is not None and args.trials < 1:
-        raise SkillgraftError("--trials must be at least 1")
+    if args.search == "grid":
+        space.check_grid()
     spec = _evaluator_spec(args)
     ev = make_evaluator(spec)
     if args.target:
@@ -132,8 +152,6 @@ def build_config(args: argparse.Namespace):
         retain = ev.default_retain()
     else:
         retain = None if args.retain.lower() == "none" else args.retain
-    if not 0 < args.min_retention <= 1.5:
-        raise SkillgraftError("--min-retention must be a fraction such as 0.95")
     objective = Objective(target, retain, args.min_retention)
     return SweepConfig(
         recipe=recipe, space=space, evaluator=spec, objective=objective, search=args.search, trials=args.trials,

@@ -38,6 +38,11 @@ class Evaluator(ABC):
     def default_target(self) -> list[str] | None:
         return None
 
+    def item_counts(self) -> dict[str, int] | None:
+        """How many items each score is a fraction of, when the scores are accuracies (None otherwise):
+        what a report needs for confidence intervals."""
+        return None
+
     def default_retain(self) -> str | None:
         s = self.scenarios()
         return "general" if s and "general" in s else None
@@ -133,6 +138,10 @@ class PythonEvaluator(Evaluator):
         f = getattr(self.impl, "default_target", None)
         return f() if callable(f) else None
 
+    def item_counts(self) -> dict[str, int] | None:
+        f = getattr(self.impl, "item_counts", None)
+        return f() if callable(f) else None
+
     def evaluate_dir(self, model_dir: str | Path) -> dict[str, float]:
         return self.impl.evaluate_dir(model_dir)
 
@@ -177,6 +186,9 @@ class MicroworldEvaluator(Evaluator):
 
     def scenarios(self) -> list[str] | None:
         return list(self._scenarios)
+
+    def item_counts(self) -> dict[str, int] | None:
+        return {s: len(self.mw.benchmark_items(s)[: self.limit or None]) for s in self._scenarios}
 
     def evaluate_dir(self, model_dir: str | Path) -> dict[str, float]:
         res = self.mw.evaluate(str(model_dir), scenarios=self._scenarios, limit=self.limit, device=self.device,

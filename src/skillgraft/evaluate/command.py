@@ -4,9 +4,14 @@
         --tasks mme --output_path {out}' --eval-json '{out}/**/*results*.json' \\
         --eval-metric general=results.mme.mme_cognition_score
 
-``{model}`` is replaced by the merged checkpoint's directory and ``{out}`` by a fresh empty directory
-for the command's output (both shell-quoted; no other braces are touched, so JSON in the command is
-fine). The command runs through the shell; a non-zero exit fails that trial (the sweep goes on).
+The command is split into arguments the way a shell would (``shlex``) and run WITHOUT a shell;
+``{model}`` (the merged checkpoint's directory) and ``{out}`` (a fresh empty directory for the
+command's output) are replaced inside the arguments, so a path is always one argument whatever it
+contains (no other braces are touched, so JSON in the command is fine). Pipes, redirections and
+variables need a shell: ``shell=True`` (``--eval-shell``) runs the command with ``/bin/sh``, and the two
+paths then reach it as the variables ``SKILLGRAFT_MODEL`` and ``SKILLGRAFT_OUT`` (quoted to suit where
+the placeholder stands), never as text the shell parses. A non-zero exit fails that trial (the
+sweep goes on) with the tail of the command's stderr.
 Metrics are read from the JSON file ``--eval-json`` (``{out}``, ``{model}`` and globs allowed; the
 newest match wins) or, without it, from the last line of the command's standard output that parses
 as JSON. A metric path is dotted (``results.mme.acc``; list indices as numbers; keys that contain dots
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -47,11 +54,41 @@ def lookup(data: Any, path: str) -> Any:
     raise KeyError(path)
 
 
+_VARS = {"{model}": "SKILLGRAFT_MODEL", "{out}": "SKILLGRAFT_OUT"}
+
+
+def shell_template(command: str) -> str:
+    """``command`` with ``{model}``/``{out}`` replaced by references to their environment variables,
+    quoted for where each stands (outside quotes, in double quotes, in single quotes)."""
+    out: list[str] = []
+    i, quote = 0, None
+    while i < len(command):
+        key = next((k for k in _VARS if command.startswith(k, i)), None)
+        if key is not None:
+            ref = "${" + _VARS[key] + "}"
+            out.append({"'": f"'\"{ref}\"'", '"': ref}.get(quote, f'"{ref}"'))
+            i += len(key)
+            continue
+        c = command[i]
+        if c == "\\" and quote != "'":
+            out.append(command[i:i + 2])
+            i += 2
+            continue
+        if quote is None and c in "'\"":
+            quote = c
+        elif c == quote:
+            quote = None
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 class CommandEvaluator(Evaluator):
     kind = "command"
     supports_loaded = False
 
-    def __init__(self, command: str, json_path: str | None, metrics: dict[str, str], timeout: float | None = None):
+    def __init__(self, command: str, json_path: str | None, metrics: dict[str, str], timeout: float | None = None,
+                 shell: bool = False):
         if "{model}" not in command:
             raise SkillgraftError("--eval-command must contain {model}, the merged checkpoint's directory")
         if not metrics:
@@ -60,14 +97,24 @@ class CommandEvaluator(Evaluator):
         self.json_path = json_path
         self.metrics = dict(metrics)
         self.timeout = timeout
+        self.shell = bool(shell)
+        self.argv: list[str] = []
+        if not self.shell:
+            try:
+                self.argv = shlex.split(command)
+            except ValueError as e:
+                raise SkillgraftError(f"--eval-command cannot be split into arguments ({e}); check its quotes") from None
+            program = self.argv[0]
+            if "{" not in program and shutil.which(program) is None:
+                raise SkillgraftError(f"--eval-command: program {program!r} not found")
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "CommandEvaluator":
-        return cls(spec["command"], spec.get("json"), spec["metrics"], spec.get("timeout"))
+        return cls(spec["command"], spec.get("json"), spec["metrics"], spec.get("timeout"), spec.get("shell", False))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "command", "command": self.command, "json": self.json_path, "metrics": self.metrics,
-                "timeout": self.timeout}
+                "timeout": self.timeout, "shell": self.shell}
 
     def scenarios(self) -> list[str]:
         return list(self.metrics)
@@ -76,17 +123,23 @@ class CommandEvaluator(Evaluator):
         names = [m for m in self.metrics if m != "general"]
         return names[:1] or list(self.metrics)[:1]
 
-    def _fill(self, text: str, model_dir: str, out: str, quote: bool) -> str:
-        q = shlex.quote if quote else (lambda s: s)
-        return text.replace("{model}", q(model_dir)).replace("{out}", q(out))
+    @staticmethod
+    def _fill(text: str, model_dir: str, out: str) -> str:
+        return text.replace("{model}", model_dir).replace("{out}", out)
 
     def evaluate_dir(self, model_dir: str | Path) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="skillgraft-eval-") as out:
-            cmd = self._fill(self.command, str(model_dir), out, quote=True)
+            env = {**os.environ, "SKILLGRAFT_MODEL": str(model_dir), "SKILLGRAFT_OUT": out}
+            if self.shell:
+                cmd: Any = shell_template(self.command)
+            else:
+                cmd = [self._fill(a, str(model_dir), out) for a in self.argv]
             try:
-                r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=self.timeout)
+                r = subprocess.run(cmd, shell=self.shell, capture_output=True, text=True, timeout=self.timeout, env=env)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"evaluator command timed out after {self.timeout} s") from None
+            except OSError as e:
+                raise RuntimeError(f"evaluator command could not start: {e.strerror or e}: {e.filename or cmd}") from None
             if r.returncode != 0:
                 tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
                 raise RuntimeError(f"evaluator command exited {r.returncode}: {' | '.join(tail)}")
@@ -105,7 +158,7 @@ class CommandEvaluator(Evaluator):
 
     def _read(self, out: str, model_dir: str, stdout: str) -> Any:
         if self.json_path:
-            pattern = self._fill(self.json_path, model_dir, out, quote=False)
+            pattern = self._fill(self.json_path, model_dir, out)
             matches = sorted(glob.glob(pattern, recursive=True), key=lambda p: Path(p).stat().st_mtime)
             if not matches:
                 raise RuntimeError(f"the evaluator wrote no file matching {pattern}")

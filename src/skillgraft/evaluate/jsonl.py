@@ -172,6 +172,14 @@ class JsonlEvaluator(Evaluator):
         langs = sorted({it["language"] for it in self.items if it.get("language")})
         return ["all", *(f"language:{x}" for x in langs)]
 
+    def item_counts(self) -> dict[str, int]:
+        counts = {"all": len(self.items)}
+        for it in self.items:
+            if it.get("language"):
+                key = f"language:{it['language']}"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def default_target(self) -> list[str]:
         return ["all"]
 

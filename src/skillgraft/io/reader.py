@@ -14,27 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import SkillgraftError
+from .paths import checkpoint_file, inside_checkpoint
+from .safetensors_header import PREFIX_BYTES, HeaderError, header_length, parse
 
+# safetensors dtype names -> torch dtypes, for every name this torch build can hold. Names the format
+# defines but torch cannot (F4, F6_*: sub-byte floats) are refused by name when a file is opened.
+_ST_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64",
+    "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+    name: getattr(torch, attr) for name, attr in _ST_TORCH_NAMES.items() if hasattr(torch, attr)
 }
 
 
@@ -46,36 +44,18 @@ class SafetensorsFile:
         self.fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(self.fd).st_size
-            head = os.pread(self.fd, 8, 0)
-            if len(head) < 8:
-                raise ValueError("file too short")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError("header length out of range")
-            header = json.loads(os.pread(self.fd, n, 8))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a mapping")
-        except (ValueError, OSError) as e:
+            n = header_length(os.pread(self.fd, PREFIX_BYTES, 0), size)
+            parsed = parse(os.pread(self.fd, n, PREFIX_BYTES), size)
+            self.data_start = PREFIX_BYTES + n
+            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            for name, e in parsed.items():
+                if e.dtype not in ST_DTYPES:
+                    raise HeaderError(f"tensor {name!r} has dtype {e.dtype}, which skillgraft cannot read or merge")
+                self.entries[name] = (ST_DTYPES[e.dtype], e.shape, e.begin, e.end)
+        except (HeaderError, OSError) as e:
             os.close(self.fd)
-            raise SkillgraftError(f"{path}: not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = ST_DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
-                shape = tuple(int(x) for x in info["shape"])
-            except (KeyError, TypeError, ValueError):
-                os.close(self.fd)
-                raise SkillgraftError(f"{path}: bad header entry for {name}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * dtype.itemsize or self.data_start + end > size:
-                os.close(self.fd)
-                raise SkillgraftError(f"{path}: tensor {name} does not fit its declared shape (truncated file?)")
-            self.entries[name] = (dtype, shape, begin, end)
+            reason = e if isinstance(e, HeaderError) else (e.strerror or e)
+            raise SkillgraftError(f"{path}: not a valid safetensors file: {reason}") from None
 
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         """Tensor ``name`` (or its first ``rows`` rows) in a fresh, writable CPU buffer."""
@@ -147,6 +127,28 @@ def _pread_all(fd: int, buf: torch.Tensor, offset: int, need: int, path: Path, n
         done += got
 
 
+def _index_shards(index: Path, root: Path) -> list[Path]:
+    """The shard files an index names, each checked to lie inside the checkpoint directory."""
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SkillgraftError(f"{index}: not valid JSON ({str(e).splitlines()[0]})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SkillgraftError(f"{index}: weight_map must map tensor names to shard file names")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = checkpoint_file(root, name)
+        if path is None:
+            raise SkillgraftError(
+                f"{index} names shard {name!r}, which lies outside the checkpoint directory; refusing to read it"
+            )
+        if not path.is_file():
+            raise SkillgraftError(f"{index} names shard {name} which is missing in {root}")
+        files.append(path)
+    return files
+
+
 def _weight_files(root: Path) -> tuple[str, list[Path]]:
     """('safetensors' | 'bin', files) for a checkpoint directory, preferring safetensors."""
     for kind, index_name, single in (
@@ -155,21 +157,30 @@ def _weight_files(root: Path) -> tuple[str, list[Path]]:
     ):
         index = root / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise SkillgraftError(f"{index}: not a valid weight index ({e})") from None
-            files = sorted({root / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise SkillgraftError(f"{index} names shard {missing[0]} which is missing in {root}")
-            return kind, files
+            return kind, _index_shards(index, root)
         if (root / single).is_file():
-            return kind, [root / single]
+            return kind, [_inside(root, root / single)]
     loose = sorted(root.glob("*.safetensors"))
     if loose:
-        return "safetensors", loose
+        return "safetensors", [_inside(root, f) for f in loose]
     raise SkillgraftError(f"no weights in {root}: expected model.safetensors, a sharded index, or pytorch_model.bin")
+
+
+def _inside(root: Path, path: Path) -> Path:
+    if not inside_checkpoint(path, root):
+        raise SkillgraftError(f"{path} is a link to a file outside the checkpoint directory; refusing to read it")
+    return path
+
+
+# torch.save's pre-1.6 (non-zip) format opens with a pickled magic number, 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _legacy_torch_file(f: Path) -> bool:
+    """Whether ``f`` was written by torch.save in the legacy (non-zip) format."""
+    with open(f, "rb") as fh:
+        head = fh.read(32)
+    return head[:1] == b"\x80" and _LEGACY_MAGIC in head
 
 
 class CheckpointReader:
@@ -197,10 +208,17 @@ class CheckpointReader:
         path = self.root / "config.json"
         if not path.is_file():
             return {}
+        _inside(self.root, path)
         try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise SkillgraftError(f"{path}: not valid JSON ({e})") from None
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SkillgraftError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise SkillgraftError(f"{path}: expected a JSON object of model settings, got a {type(config).__name__}")
+        for key in ("text_config", "llm_config", "vision_config"):
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                raise SkillgraftError(f"{path}: {key} must be an object, got a {type(config[key]).__name__}")
+        return config
 
     def _scan_safetensors(self, f: Path) -> None:
         h = SafetensorsFile(f)
@@ -211,10 +229,16 @@ class CheckpointReader:
             self._dtype[name] = dtype
 
     def _scan_bin(self, f: Path) -> None:
+        if _legacy_torch_file(f):
+            raise SkillgraftError(
+                f"{f}: saved in the legacy (pre-1.6, non-zip) torch format, which cannot be memory-mapped; "
+                f"convert it once with: python -c \"import torch; p='{f}'; torch.save(torch.load(p, weights_only=True), p)\""
+            )
         try:
             state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # an unsafe or corrupt pickle: refuse, never fall back to full unpickling
-            raise SkillgraftError(f"{f}: cannot be read safely with weights_only=True ({e})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SkillgraftError(f"{f}: cannot be read safely with weights_only=True ({first})") from None
         if not isinstance(state, dict):
             raise SkillgraftError(f"{f}: expected a state dict of tensors")
         self._handles[f] = state

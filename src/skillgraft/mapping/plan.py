@@ -6,6 +6,7 @@ structural mismatches (layer counts, hidden sizes, missing LM tensors) with one-
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from .layout import EMBED, HEAD, LMLayout, detect_layout, layer_count, reference
 
 _VOCAB_TENSORS = (EMBED, HEAD)
 _BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
+# model_type of a VLM's language model (after dropping a "_text" / "_text_model" suffix) -> the LLM's
+LM_MODEL_TYPES = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe",
+                  "mllama": "llama"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class Plan:
 
 
 def open_checkpoint(label: str, reader: CheckpointReader, reference: dict[str, tuple[int, ...]] | None) -> Checkpoint:
-    layout = detect_layout(reader, label, reference)
+    # a task-vector reader (skill, LoRA adapter) knows its own layout: plain causal-LM names
+    layout = getattr(reader, "lm_layout", None) or detect_layout(reader, label, reference)
     return Checkpoint(label, reader, layout, layout.lm_names(reader))
 
 
@@ -98,10 +103,13 @@ def build_plan(
     *,
     excluded: Callable[[str], str | None] = lambda rel: None,
     allow_unmatched: bool = False,
+    allow_arch_mismatch: bool = False,
 ) -> Plan:
     """Map every VLM tensor to its sources and validate the pair(s) structurally.
 
-    ``excluded(rel)`` returns a reason string for LM-relative names to keep from the VLM.
+    ``excluded(rel)`` returns a reason string for LM-relative names to keep from the VLM. A source
+    whose model type differs from the VLM's language model is refused unless ``allow_arch_mismatch``;
+    then every tensor of it that the merge does not use is listed in a warning.
     """
     warnings: list[str] = []
     first_label, first_reader = expert_readers[0]
@@ -115,13 +123,15 @@ def build_plan(
     vlm_layers = layer_count(vlm.rel)
     for ck in sources:
         n = layer_count(ck.rel)
+        if _holds_deltas(ck):  # a task vector may leave layers untouched; a skill records its base's depth
+            n = getattr(ck.reader, "n_layers", None) or (vlm_layers if n <= vlm_layers else n)
         if n != vlm_layers:
             raise SkillgraftError(
                 f"layer count mismatch: the VLM's language model has {vlm_layers} decoder layers, "
                 f"{ck.label} has {n}; they cannot derive from the same base LLM"
             )
     _check_hidden(vlm, sources)
-    _check_model_types(vlm, sources, warnings)
+    foreign = _check_model_types(vlm, sources, allow_arch_mismatch, warnings)
 
     lm_roots = {r.split(".")[0] for ck in sources for r in ck.rel} | {"lm_head"}
     entries: list[Entry] = []
@@ -139,6 +149,14 @@ def build_plan(
             continue
         src = {ck.label: ck.source_for(rel) for ck in sources}
         missing = [lbl for lbl, s in src.items() if s is None]
+        if missing and all(_holds_deltas(ck) for ck in sources if ck.label in missing):
+            if len(missing) == len(sources):
+                entries.append(Entry(name, shape, dtype, "copy", "no expert changes it (task vectors leave it as is)", rel))
+                continue
+            for ck in sources:  # a task vector that does not touch this tensor adds zero to it
+                if ck.label in missing:
+                    src[ck.label] = ck.reader.zero_name(rel, shape)
+            missing = []
         if missing:
             if rel.endswith(_BUFFER_SUFFIXES):
                 entries.append(Entry(name, shape, dtype, "copy", "rotary buffer", rel))
@@ -162,16 +180,24 @@ def build_plan(
             )
         )
     if unmatched and not allow_unmatched:
-        raise SkillgraftError(
-            f"{len(unmatched)} language-model tensor(s) of the VLM have no counterpart, e.g. {unmatched[0]}; "
-            f"check that the expert shares the VLM's LM architecture, or pass --allow-unmatched to copy them from the VLM"
-        )
+        what = (f"{len(unmatched)} language-model tensor(s) of the VLM have no counterpart, e.g. {unmatched[0]}; "
+                f"check that the expert shares the VLM's LM architecture, or")
+        raise SkillgraftError(f"{what} set allow_unmatched=True to copy them from the VLM",
+                              cli=f"{what} pass --allow-unmatched to copy them from the VLM")
     unused = {
         ck.label: sorted(set(ck.rel.values()) - used[ck.label])
         for ck in sources
         if set(ck.rel.values()) - used[ck.label]
     }
+    for label in foreign:
+        if unused.get(label):
+            warnings.append(f"{len(unused[label])} tensor(s) of {label} are not used by the merge: {', '.join(unused[label])}")
     return Plan(entries, vlm, base, experts, vlm_layers, unmatched, unused, warnings)
+
+
+def _holds_deltas(ck: Checkpoint) -> bool:
+    """A skill or LoRA adapter: its tensors are task vectors, missing ones are zero."""
+    return bool(getattr(ck.reader, "holds_deltas", False))
 
 
 def _overlap_rows(name: str, shape: tuple[int, ...], rel: str, others: dict[str, tuple[int, ...]]) -> int | None:
@@ -201,12 +227,28 @@ def _check_hidden(vlm: Checkpoint, sources: list[Checkpoint]) -> None:
             )
 
 
-def _check_model_types(vlm: Checkpoint, sources: list[Checkpoint], warnings: list[str]) -> None:
-    vt = _text_config(vlm.reader.config).get("model_type")
-    for ck in sources:
-        t = _text_config(ck.reader.config).get("model_type")
-        if vt and t and vt != t and not (vt.startswith(t) or t.startswith(vt)):
-            warnings.append(
-                f"the VLM's language model is {vt!r} but {ck.label} is {t!r}; shapes match, so merging goes on"
-            )
+def lm_model_type(config: dict) -> str | None:
+    """The LLM model_type a config's language model is (``qwen2_5_vl_text`` -> ``qwen2``), or None."""
+    t = _text_config(config).get("model_type")
+    if not isinstance(t, str) or not t:
+        return None
+    t = re.sub(r"_text(_model)?$", "", t)
+    return LM_MODEL_TYPES.get(t, t)
 
+
+def _check_model_types(vlm: Checkpoint, sources: list[Checkpoint], allow: bool, warnings: list[str]) -> list[str]:
+    """Labels of sources whose model type differs from the VLM's LM (refused unless ``allow``)."""
+    vt = lm_model_type(vlm.reader.config)
+    foreign = []
+    for ck in sources:
+        t = lm_model_type(ck.reader.config)
+        if vt is None or t is None or t == vt:
+            continue
+        if not allow:
+            what = (f"architecture mismatch: the VLM's language model is {vt!r} but {ck.label} is {t!r}; a task vector "
+                    f"only transfers between models of one lineage")
+            raise SkillgraftError(f"{what}. Set allow_arch_mismatch=True in the recipe to merge the matching tensors anyway",
+                                  cli=f"{what}. Pass --allow-arch-mismatch to merge the matching tensors anyway")
+        warnings.append(f"the VLM's language model is {vt!r} but {ck.label} is {t!r}; merging the tensors whose shapes match")
+        foreign.append(ck.label)
+    return foreign

@@ -282,6 +282,18 @@ def _one_pass_mask(s: Sparsifier, delta: Tensor, density: float, params: dict) -
     return state.mask(a)
 
 
+def whole_topk(x: Tensor, k: int) -> TopK:
+    """The exact top-``k`` selection of ``|x|`` for a tensor in memory, ready to ``mask`` its blocks in order."""
+    t = TopK(x.numel(), k, sample_of(x).abs())
+    a = x.abs()
+    while t.needs_pass:
+        t.observe(a)
+        t.finish()
+        if not t.refine:
+            break
+    return t
+
+
 def sample_positions(n: int, size: int = SAMPLE) -> Tensor:
     """Fixed pseudo-random flat positions (seeded by ``n``) whose values bracket a top-k threshold."""
     g = torch.Generator(device="cpu").manual_seed(n)

@@ -6,6 +6,9 @@
     expert-multilingual  base fine-tuned on French questions/answers over text scenes
     expert-instruct      base fine-tuned on English questions with format instructions
     expert-math          base fine-tuned on arithmetic over counts in text scenes
+    expert-multilingual-lora
+                         a PEFT LoRA adapter of base trained on expert-multilingual's data
+                         (LORA: rank, alpha, learning rate; the other models do not depend on it)
     vlm                  LlavaForConditionalGeneration: tiny CLIP vision tower + projector + LM
                          initialised from base. Stage 0 pre-trains the vision tower alone to
                          name what each cell of a picture holds (as a real VLM starts from a
@@ -439,6 +442,56 @@ def _train_expert(out: Path, name: str, seed: int, s: Settings, progress: bool, 
     return time.perf_counter() - t0, loss
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA expert: PEFT LoRA on every linear layer of the base's decoder, trained on the data
+    (and for the steps) of ``of``. Kept apart from Settings, so the other models' metadata is unchanged."""
+
+    of: str = "expert-multilingual"
+    rank: int = 8
+    alpha: int = 16
+    lr: float = 3e-3
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+LORA = LoraSettings()
+LORA_EXPERT = "expert-multilingual-lora"
+
+
+def _has_peft() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
+@_isolated
+def _train_lora_expert(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int,
+                       lo: LoraSettings = LORA) -> tuple[float, float]:
+    """A LoRA version of ``lo.of``: same corpus recipe, seeded on its own (seed + 30)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    _seed_all(seed + 30)
+    model = LlamaForCausalLM(lm_config(tok, s))
+    model.load_state_dict(_load_base_state(out))
+    pm = get_peft_model(model, LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=0.0, target_modules=list(lo.targets)))
+    pm.to(device)
+    data = expert_corpus(tok, lo.of, random.Random(seed * 1000 + 30), _n_data(s, s.expert_steps), s.replay)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    loss = train(pm, data, [(params, lo.lr)], s.expert_steps, s, seed + 30, tok.pad_token_id,
+                 desc=LORA_EXPERT, progress=progress, device=device)
+    d = out / LORA_EXPERT
+    pm.peft_config["default"].base_model_name_or_path = "base"  # the zoo's base, a sibling directory
+    pm.cpu().save_pretrained(str(d))
+    (d / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template; microworld.json says what it is
+    (d / "microworld.json").write_text(json.dumps(
+        {**_meta(seed, s), "lora": {k: list(v) if isinstance(v, tuple) else v for k, v in lo.__dict__.items()},
+         "model": LORA_EXPERT, "scenario": EXPERT_SCENARIO[lo.of], "final_loss": loss}, indent=2) + "\n")
+    return time.perf_counter() - t0, loss
+
+
 CELL_CLASSES = 1 + len(W.COLORS) * len(W.SHAPES)  # empty, or one (colour, shape) pair
 
 
@@ -532,7 +585,7 @@ def build_zoo(
     jobs: int = 4,
     resume: bool = False,
 ) -> dict:
-    """Train base, the three experts and the VLM into `out/<name>/`; returns seconds per model.
+    """Train base, the three experts, the VLM and the LoRA expert into `out/<name>/`; returns seconds per model.
 
     `quick` shrinks the models and runs a few steps (a smoke test, not a usable zoo).
     The base trains first, alone, on BASE_THREADS threads; every later model on one thread (on a
@@ -564,9 +617,14 @@ def build_zoo(
         timings["base"], loss = _train_base(out, seed, s, progress, device, threads=BASE_THREADS)
         say(f"base: {timings['base']:.0f}s loss {loss:.3f}")
 
-    todo = [n for n in (*EXPERT_NAMES, "vlm") if not only or n in only]
+    todo = [n for n in (*EXPERT_NAMES, "vlm", LORA_EXPERT) if not only or n in only]
+    if LORA_EXPERT in todo and not _has_peft():
+        say(f"{LORA_EXPERT}: not built (it is trained with PEFT: pip install peft)")
+        todo.remove(LORA_EXPERT)
 
     def job(name: str):
+        if name == LORA_EXPERT:
+            return _train_lora_expert, (out, seed, s, False if jobs > 1 else progress, device, 1)
         if name == "vlm":
             return _train_vlm, (out, seed, s, False if jobs > 1 else progress, device, 1)
         return _train_expert, (out, name, seed, s, False if jobs > 1 else progress, device, 1)

@@ -1,7 +1,8 @@
 """`skillgraft demo`: inject each shipped expert into the shipped VLM and show what changes.
 
 Rows: the VLM alone, each expert alone (text only, no image: the skill alone cannot see the
-picture), and VLM+expert for each method at its demo setting (DEMO_METHODS). Columns: the four
+picture), VLM+expert for each method at its demo setting (DEMO_METHODS), and VLM+the shipped LoRA
+expert (a PEFT adapter of the base, injected with TA at scale 1 and no base). Columns: the four
 micro-world scenarios. Every number is a real evaluation of a real checkpoint: the merged
 checkpoints are written by `skillgraft.api.inject` into `out_dir/merged/` and read back.
 
@@ -21,9 +22,9 @@ from ..evaluate import microworld as E
 from ..pipeline import inject
 from ..recipe import ExpertSpec, Recipe
 from ..sweep.worker import Worker
-from .build import FULL
+from .build import FULL, LORA
 from .scenarios import EXPERT_NAMES, EXPERT_SCENARIO
-from .zoo import zoo_path
+from .zoo import ZOO_ADAPTERS, zoo_path
 
 # "default settings" of the demo: TA at scale 1 (the recipe default); DARE at scale 1 with
 # density 0.5 (half of each delta dropped at random, the rest rescaled by 2), seed 0.
@@ -66,6 +67,16 @@ def run_demo(out_dir: Path = Path("demo"), *, progress: bool = True, limit: int 
                             experts=[ExpertSpec(model=str(path(ex)), **kw)], method=method, seed=0)
             inject(recipe, merged, force=True, progress=False)
             ev(f"VLM+{ex} {method.upper()}", merged)
+
+    for ad in ZOO_ADAPTERS:  # a PEFT LoRA adapter is an expert too: TA at scale 1, no base needed
+        if not (path(ad) / "adapter_config.json").is_file():
+            _say(progress, f"[demo] {ad} is not in the zoo; skipped")
+            continue
+        merged = out_dir / "merged" / f"vlm+{ad}-ta"
+        _say(progress, f"[demo] injecting the LoRA adapter {ad} into the VLM with ta (no base)")
+        inject(Recipe(vlm=str(vlm_dir), experts=[ExpertSpec(model=str(path(ad)))], method="ta"), merged,
+               force=True, progress=False)
+        ev(f"VLM+{ad} TA", merged)
 
     # accuracy vs scale, multilingual pair, TA in memory
     _say(progress, f"[demo] scale sweep 0..1.5 for expert-multilingual ({len(PLOT_SCALES)} points)")
@@ -145,6 +156,13 @@ def _report(rows, curve, table, png_name, seconds, limit, plot_limit) -> str:
         for m in DEMO_METHODS:
             r = rows[f"VLM+{ex} {m.upper()}"]
             lines.append(f"- {ex}, {m.upper()}: {sc} {_pts(v[sc], r[sc])}; general {_pts(v['general'], r['general'])}.")
+    for ad in ZOO_ADAPTERS:
+        if f"VLM+{ad} TA" in rows:
+            sc = EXPERT_SCENARIO[LORA.of]
+            r = rows[f"VLM+{ad} TA"]
+            lines.append(f"- {ad} (a PEFT LoRA adapter of the base, rank {LORA.rank}, trained on {LORA.of}'s data; "
+                         f"injected without the base), TA: "
+                         f"{sc} {_pts(v[sc], r[sc])}; general {_pts(v['general'], r['general'])}.")
     for ex, sc in EXPERT_SCENARIO.items():
         alone = rows[f"{ex} alone (text only)"][sc]
         best = max(rows[f"VLM+{ex} {m.upper()}"][sc] for m in DEMO_METHODS)

@@ -10,6 +10,7 @@ measure of how forgiving the method is (0 means a single grid point: narrower th
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Results:
     search: dict[str, Any]
     evaluator: dict[str, Any]
     runs: list[dict[str, Any]] = field(default_factory=list)
+    item_counts: dict[str, int] | None = None   # items behind each score, when scores are accuracies
 
     @property
     def scale_key(self) -> str | None:
@@ -66,6 +68,7 @@ def load_results(sweep_dir: str | Path) -> Results:
             Path(sweep_dir), st.trials(), st.trials(state="failed"), st.baseline(),
             Objective.from_json(st.get_meta("objective")), recipe, Space.from_json(st.get_meta("space")),
             st.get_meta("search", {}), st.get_meta("evaluator", {}), st.get_meta("runs", []),
+            st.get_meta("item_counts"),
         )
 
 
@@ -79,6 +82,50 @@ def best_trial(trials: list[Trial]) -> Trial | None:
 
 def _total_scale(p: dict[str, Any]) -> float:
     return sum(float(v) for k, v in p.items() if k == "scale" or k.startswith("scale."))
+
+
+def is_noop(res: Results, trial: Trial) -> bool:
+    """True when the point merges nothing into the VLM: every expert's scale is 0."""
+    from .worker import point_recipe
+
+    recipe = point_recipe(res.recipe, trial.params)
+    return all(not any(e.scale) if isinstance(e.scale, list) else e.scale == 0 for e in recipe.experts)
+
+
+def recommendation(res: Results) -> Trial | None:
+    """The point to recommend: the best feasible merge that beats the VLM alone on the target.
+
+    None when no merge does: then the report says so rather than recommending a no-op (scale 0, or a
+    point that only matches the VLM)."""
+    floor = baseline_target(res)
+    cands = [t for t in res.trials if t.feasible is not False and t.target is not None
+             and t.target > floor + 1e-12 and not is_noop(res, t)]
+    return best_trial(cands)
+
+
+# 95% two-sided normal quantile
+Z95 = 1.959963984540054
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` observed on ``n`` items (Wilson 1927): unlike the
+    normal approximation it stays inside [0, 1] and is sound near 0 and 1, where skill scores live."""
+    if n <= 0:
+        return (0.0, 1.0)
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def interval(res: Results, names: list[str], value: float | None) -> tuple[float, float] | None:
+    """95% interval of a score (or of the mean of several, pooled over their items), when the
+    evaluator reported item counts; None otherwise (scores that are not proportions)."""
+    if value is None or not res.item_counts or any(n not in res.item_counts for n in names):
+        return None
+    if not 0.0 <= value <= 1.0:
+        return None
+    return wilson(value, sum(int(res.item_counts[n]) for n in names))
 
 
 @dataclass

@@ -55,6 +55,12 @@ class Objective:
             return 1.0 if s >= b else 0.0
         return s / b
 
+    def shortfall(self, retention: float | None) -> float | None:
+        """How far ``retention`` falls below the minimum (<= 0: feasible; None: no constraint)."""
+        if self.retain is None or retention is None:
+            return None
+        return self.min_retention - retention
+
     def score(self, scores: dict[str, float], baseline: dict[str, float] | None) -> tuple[float, float, float | None, bool]:
         """(objective, target, retention, feasible) of one trial's scores."""
         missing = [t for t in self.target if t not in scores]

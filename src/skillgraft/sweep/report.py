@@ -9,11 +9,15 @@ from typing import Any
 from ..version import __version__
 from .analysis import (
     Results,
+    baseline_target,
     best_trial,
     eval_argv,
     grid_step,
     inject_argv,
+    interval,
+    is_noop,
     load_results,
+    recommendation,
     recommended_recipe,
     shell,
     zone,
@@ -22,6 +26,10 @@ from .space import describe
 
 REPORT = "report.md"
 RECIPE = "recommended_recipe.yaml"
+
+
+def _ci(ci: tuple[float, float] | None, nd: int = 3) -> str:
+    return f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]" if ci is not None else "–"
 
 
 def _f(x: Any, nd: int = 3) -> str:
@@ -103,39 +111,32 @@ def render(res: Results, plots_written: list[tuple[str, Path]]) -> str:
         f"- skillgraft {__version__}, report written {time.strftime('%Y-%m-%d %H:%M', time.localtime())}",
         "",
     ]
+    has_ci = bool(res.item_counts)
     if res.baseline:
-        lines += ["## The VLM alone", "", _table(["scenario", "score"], [[k, _f(v)] for k, v in res.baseline.scores.items()]), ""]
-    best = best_trial(res.trials)
+        lines += ["## The VLM alone", ""]
+        head = ["scenario", "score"] + (["95% interval", "items"] if has_ci else [])
+        body = [[k, _f(v)] + ([_ci(interval(res, [k], v)), str((res.item_counts or {}).get(k, "–"))] if has_ci else [])
+                for k, v in res.baseline.scores.items()]
+        lines += [_table(head, body), ""]
+        if has_ci:
+            lines += ["Intervals are 95% Wilson score intervals over the items behind each score: two scores "
+                      "whose intervals overlap may differ by chance alone.", ""]
     lines += ["## Recommended configuration", ""]
-    if best is None:
-        lines += ["No point has been scored yet.", ""]
-    else:
-        rec = recommended_recipe(res, best)
-        rec.save(res.dir / RECIPE)
-        if not best.feasible:
-            lines += [f"**No point keeps retention at {res.objective.min_retention:.0%}**; the least damaging is shown.", ""]
-        lines += [
-            f"`{describe(best.params)}`: target {_f(best.target)}"
-            + (f", retention {_f(best.retention)}" if best.retention is not None else "")
-            + " (" + ", ".join(f"{k} {_f(v)}" for k, v in best.scores.items()) + ")",
-            "",
-            "```bash",
-            shell(inject_argv(rec, "OUT", str(res.dir / RECIPE))),
-        ]
-        ev = eval_argv(res.evaluator, "OUT")
-        if ev:
-            lines.append(shell(ev) + "   # reproduces the scores above")
-        lines += ["```", "", f"The same merge as a recipe: `{RECIPE}`.", ""]
+    lines += _recommendation(res)
     rows = method_table(res)
     if rows:
         lines += ["## Methods and their Goldilocks zones", "",
                   f"Zone: the scale interval around each method's best point where the target score stays within "
                   f"90% of its best and retention at or above {res.objective.min_retention:.0%} "
                   f"(other settings as at the best point; width 0 = one grid point).", ""]
+        tnames = res.objective.target
         lines.append(_table(
-            ["method", "points", "best setting", "target", "retention", "zone", "width"],
-            [[x["method"], str(x["trials"]), _setting(x["setting"]), _f(x["target"]), _f(x["retention"]),
-              f"[{x['zone'][0]:g}, {x['zone'][1]:g}]" if x["zone"] else "none", _f(x["width"], 2) if x["zone"] else "–"]
+            ["method", "points", "best setting", "target", *(["95% interval"] if has_ci else []), "retention",
+             "zone", "width"],
+            [[x["method"], str(x["trials"]), _setting(x["setting"]), _f(x["target"]),
+              *([_ci(interval(res, tnames, x["target"]))] if has_ci else []), _f(x["retention"]),
+              f"[{x['zone'][0]:g}, {x['zone'][1]:g}]" if x["zone"] else "none (does not beat the VLM)",
+              _f(x["width"], 2) if x["zone"] else "–"]
              for x in rows],
         ))
         lines.append("")
@@ -152,8 +153,9 @@ def render(res: Results, plots_written: list[tuple[str, Path]]) -> str:
     sc = res.scenarios()
     trs = sorted(res.trials, key=lambda t: -(t.objective if t.objective is not None else -1e9))
     lines.append(_table(
-        ["#", "point", *sc, "target (mean)", "retention", "ok", "seconds"],
-        [[str(t.id), describe(t.params), *[_f(t.scores.get(s)) for s in sc], _f(t.target), _f(t.retention),
+        ["#", "point", *sc, "target (mean)", *(["95% interval"] if has_ci else []), "retention", "ok", "seconds"],
+        [[str(t.id), describe(t.params), *[_f(t.scores.get(s)) for s in sc], _f(t.target),
+          *([_ci(interval(res, res.objective.target, t.target))] if has_ci else []), _f(t.retention),
           "yes" if t.feasible else "no", _f(t.timings.get("total_s"), 1)] for t in trs],
     ))
     if res.failed:
@@ -182,14 +184,68 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _recommendation(res: Results) -> list[str]:
+    """The recommended point and its command, or a plain statement that there is none and what to try."""
+    rec = recommendation(res)
+    if rec is None:
+        (res.dir / RECIPE).unlink(missing_ok=True)  # a stale recommendation from an earlier report
+        if not res.trials:
+            return ["No point has been scored yet.", ""]
+        return [*_nothing_beats(res), ""]
+    recipe = recommended_recipe(res, rec)
+    recipe.save(res.dir / RECIPE)
+    ci = interval(res, res.objective.target, rec.target)
+    out = [
+        f"`{describe(rec.params)}`: target {_f(rec.target)}" + (f" {_ci(ci)}" if ci else "")
+        + f" against {_f(baseline_target(res))} for the VLM alone"
+        + (f", retention {_f(rec.retention)}" if rec.retention is not None else "")
+        + " (" + ", ".join(f"{k} {_f(v)}" for k, v in rec.scores.items()) + ")",
+        "",
+        "```bash",
+        shell(inject_argv(recipe, "OUT", str(res.dir / RECIPE))),
+    ]
+    ev = eval_argv(res.evaluator, "OUT")
+    if ev:
+        out.append(shell(ev) + "   # reproduces the scores above")
+    return out + ["```", "", f"The same merge as a recipe: `{RECIPE}`.", ""]
+
+
+def _nothing_beats(res: Results) -> list[str]:
+    o = res.objective
+    target = " + ".join(o.target)
+    bound = f" while keeping {o.retain} at or above {o.min_retention:.0%} of the VLM's" if o.retain else ""
+    lines = [f"**Nothing to recommend: no merge beat the VLM alone on {target}{bound}.** "
+             f"Injecting this expert with these settings does not pay; the VLM alone scores {_f(baseline_target(res))}."]
+    merges = [t for t in res.trials if t.target is not None and not is_noop(res, t)]
+    closest = best_trial(merges)
+    if closest is not None:
+        lines.append(f"The closest merge was `{describe(closest.params)}`: target {_f(closest.target)}"
+                     + (f", retention {_f(closest.retention)}" if closest.retention is not None else "") + ".")
+    lines += [
+        "",
+        "What to try:",
+        "- smaller scales: a finer grid between 0 and the first scale that breaks retention "
+        "(e.g. `--vary scale=0:0.5:0.05`);",
+        "- a sparsifying method at lower density (`--method dare,ties,dare_ties --vary density=0.1,0.3,0.5`);",
+        "- keeping parts of the VLM: `--exclude embed,lm_head`, or a per-layer schedule that spares the first "
+        "and last layers (`--scale 0,1,1,0`);",
+        "- a looser bound (`--min-retention 0.9`) if the VLM may lose more of its own skill;",
+        "- checking that the expert and the VLM derive from the same base LLM (`--base`).",
+    ]
+    return lines
+
+
 def summary_lines(res: Results) -> list[str]:
-    """The best point and the command that reproduces it (for the terminal)."""
-    best = best_trial(res.trials)
-    if best is None:
+    """The recommended point and the command that reproduces it (for the terminal)."""
+    if not res.trials:
         return ["no point scored yet"]
-    rec = recommended_recipe(res, best)
-    out = [f"best: {describe(best.params)}  target {_f(best.target)}"
-           + (f"  retention {_f(best.retention)}" if best.retention is not None else "")
-           + ("" if best.feasible else "  (no point meets the retention threshold)")]
-    out.append("  " + shell(inject_argv(rec, "OUT", str(res.dir / RECIPE))))
+    rec = recommendation(res)
+    if rec is None:
+        return [f"nothing to recommend: no merge beat the VLM alone on {' + '.join(res.objective.target)}"
+                + (f" within the {res.objective.min_retention:.0%} retention bound" if res.objective.retain else "")
+                + f" (see {res.dir / REPORT} for what to try)"]
+    recipe = recommended_recipe(res, rec)
+    out = [f"best: {describe(rec.params)}  target {_f(rec.target)}"
+           + (f"  retention {_f(rec.retention)}" if rec.retention is not None else "")]
+    out.append("  " + shell(inject_argv(recipe, "OUT", str(res.dir / RECIPE))))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..recipe import Recipe
 from .objective import Objective
 from .search import make_search
 from .space import Space, describe, point_key
-from .store import BASELINE, Store
+from .store import BASELINE, DB_NAME, Store
 
 
 @dataclass
@@ -59,11 +60,15 @@ class SweepResult:
 
 
 def _abs_recipe(recipe: Recipe) -> Recipe:
+    """Local paths made absolute and hub inputs pinned to their commits (a resumed sweep keeps its models)."""
     from ..pipeline import recipe_with_absolute_paths
-    from ..io.resolve import resolve_checkpoint
+    from ..io.resolve import resolve
 
-    resolve_checkpoint(recipe.vlm, "vlm")  # fail early on a missing VLM
-    return recipe_with_absolute_paths(recipe)
+    resolved = {"vlm": resolve(recipe.vlm, "vlm")}  # fail early on a missing VLM
+    resolved.update({f"expert {i}": resolve(e.model, "expert") for i, e in enumerate(recipe.experts)})
+    if recipe.base is not None:
+        resolved["base"] = resolve(recipe.base, "base")
+    return recipe_with_absolute_paths(recipe, resolved)
 
 
 def identity(cfg: SweepConfig, recipe: Recipe) -> dict[str, Any]:
@@ -123,11 +128,18 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     recipe = _abs_recipe(cfg.recipe)
     evaluator = make_evaluator(cfg.evaluator)
     cfg.objective.check(evaluator.scenarios())
-    search = make_search(cfg.search, cfg.space, cfg.trials, cfg.search_seed)
+    if cfg.search == "grid":
+        cfg.space.check_grid()
+    search = make_search(cfg.search, cfg.space, cfg.trials, cfg.search_seed, storage_dir=out)
     if out.exists() and not out.is_dir():
         raise SkillgraftError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "sweep.db").is_file():
         raise SkillgraftError(f"{out} is not empty and holds no sweep; choose another output directory")
+    if cfg.ray_address:  # connect before anything is written: a missing Ray leaves no sweep directory behind
+        from .ray_backend import connect
+
+        connect(cfg.ray_address)
+    fresh = not out.exists()
     store = Store(out)
     try:
         _check_identity(store, identity(cfg, recipe))
@@ -137,6 +149,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
         store.set_meta("recipe", recipe.model_dump(mode="json"))
         store.set_meta("evaluator", cfg.evaluator)
         store.set_meta("objective", cfg.objective.to_json())
+        store.set_meta("item_counts", evaluator.item_counts())
         runs = store.get_meta("runs", [])
         runs.append({"started": time.time(), "version": __version__, "search": cfg.search, "inplace": inplace,
                      "ray_address": cfg.ray_address, "python": platform.python_version()})
@@ -150,8 +163,14 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
         done = store.trials()
         if not done and failed:
             first = store.trials(state="failed")
-            raise SkillgraftError(f"every trial failed; the first: {first[0].error if first else 'unknown error'}")
+            where = f" ({describe(first[0].params)})" if first else ""
+            error = " | ".join((first[0].error or "").splitlines()) if first else "unknown error"
+            raise SkillgraftError(f"every trial failed; the first{where}: {error}")
         best = max((t for t in done if t.objective is not None), key=lambda t: t.objective, default=None)
+    except BaseException:
+        if fresh:
+            _remove_unscored(store, out)
+        raise
     finally:
         store.close()
     if cfg.report:
@@ -161,6 +180,18 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     return SweepResult(out, computed, reused, failed, best.params if best else None,
                        "ray" if cfg.ray_address else ("in-place" if inplace else "streaming"),
                        time.perf_counter() - t_start)
+
+
+def _remove_unscored(store: Store, out: Path) -> None:
+    """Remove a sweep directory this run created when nothing was scored and it holds nothing but its store."""
+    try:
+        if store.trials(state="done", include_baseline=True):
+            return
+    except Exception:  # a store that cannot be read is no reason to hide the original error
+        return
+    store.close()
+    if all(p.name.startswith((DB_NAME, "optuna.db")) for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, Any],
@@ -187,7 +218,13 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
         if base is None:
             say("scoring the VLM alone (the baseline)")
             store.start(BASELINE, {"baseline": True}, search="baseline", backend=backend, seed=None, version=__version__)
-            scores, timings = get_pool().baseline()
+            try:
+                scores, timings = get_pool().baseline()
+            except (KeyboardInterrupt, SystemExit, SkillgraftError):
+                raise
+            except Exception as e:  # the evaluator, not skillgraft, failed: say so in one line
+                store.fail(BASELINE, f"{type(e).__name__}: {e}")
+                raise SkillgraftError(f"the evaluator failed on the baseline (the VLM alone): {_one_line(e)}") from None
             store.finish(BASELINE, scores, timings, objective=None, target=None, retention=None, feasible=None)
             base = store.baseline()
             # a baseline from a fresh run: the derived columns of older trials (none, usually) follow it
@@ -195,7 +232,9 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
                 o, tg, r, f = objective.score(t.scores, base.scores)
                 store.rescore(t.key, objective=o, target=tg, retention=r, feasible=f)
         say("baseline " + _fmt_scores(base.scores))
-        search.replay([(t.params, t.objective) for t in store.trials() if t.objective is not None])
+        finished = [t for t in store.trials() if t.objective is not None]
+        search.replay([(t.params, t.objective) for t in finished],
+                      [{"target": t.target, "shortfall": objective.shortfall(t.retention)} for t in finished])
 
         computed = reused = failed = 0
         waiting: dict[str, list[dict[str, Any]]] = {}  # key -> points asked while it was in flight
@@ -221,7 +260,7 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
                 old = store.done(key)
                 if old is not None:
                     reused += 1
-                    search.tell(p, old.objective)
+                    search.tell(p, old.objective, target=old.target, shortfall=objective.shortfall(old.retention))
                     continue
                 store.start(key, p, search=cfg.search, backend=backend, seed=cfg.recipe.seed if "seed" not in p else p["seed"],
                             version=__version__)
@@ -247,11 +286,16 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
             say(f"[{seen}/{n_total}] {describe(pts[0])}  {_fmt_scores(scores)}  target {tg:.3f}{ret}"
                 f"{'' if f else ' (infeasible)'}  {timings.get('total_s', 0):.1f}s")
             for p in pts:
-                search.tell(p, o)
+                search.tell(p, o, target=tg, shortfall=objective.shortfall(r))
         return computed, reused, failed
     finally:
         if pool is not None:
             pool.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 def _fmt_scores(scores: dict[str, float]) -> str:

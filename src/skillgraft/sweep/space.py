@@ -25,6 +25,7 @@ from ..errors import SkillgraftError
 
 _DIGITS = 10
 INT_DIMS = ("seed",)
+MAX_GRID_POINTS = 10_000  # a grid, and any one stepped range, is refused beyond this many points
 
 
 def _num(text: str, what: str) -> float:
@@ -65,9 +66,17 @@ class Dim:
                 f"--vary {self.name}={self.low:g}:{self.high:g} is a continuous range; grid search needs a step "
                 f"({self.name}={self.low:g}:{self.high:g}:STEP) or a list, or use --search random/optuna"
             )
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        n = self.size() - 1
         vals = [self.cast(self.low + i * self.step) for i in range(n + 1)]
         return vals
+
+    def size(self) -> int | None:
+        """Number of points (without building them); None for a continuous range."""
+        if self.values is not None:
+            return len(self.values)
+        if self.step is None:
+            return None
+        return int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
 
     def cast(self, v: Any) -> Any:
         return int(round(v)) if self.name in INT_DIMS else rnd(v)
@@ -116,6 +125,11 @@ def parse_vary(text: str, labels: list[str]) -> Dim:
         if step is not None and step <= 0:
             raise SkillgraftError(f"--vary {name}={spec}: STEP must be positive")
         dim = Dim(name, None, lo, hi, step)
+        if step is not None and (hi - lo) / step + 1 > MAX_GRID_POINTS:
+            raise SkillgraftError(
+                f"--vary {name}={spec}: {(hi - lo) / step + 1:.3g} points, more than {MAX_GRID_POINTS:,} points in one "
+                f"range; use a coarser STEP, or a continuous range {name}={lo:g}:{hi:g} with --search random/optuna"
+            )
     else:
         import yaml
 
@@ -148,10 +162,23 @@ class Space:
         return cls(list(d["methods"]), [Dim.from_json(x) for x in d["dims"]])
 
     def grid_size(self) -> int:
+        """Points of the full grid, counted without building it (continuous ranges refused)."""
         n = len(self.methods)
         for d in self.dims:
-            n *= len(d.grid())
+            size = d.size()
+            if size is None:
+                d.grid()  # raises the continuous-range error
+            n *= size
         return n
+
+    def check_grid(self) -> None:
+        """Refuse a grid of more than MAX_GRID_POINTS points before it is built."""
+        n = self.grid_size()
+        if n > MAX_GRID_POINTS:
+            raise SkillgraftError(
+                f"the grid has {n:,} points, more than the {MAX_GRID_POINTS:,} points a grid search may have; "
+                f"use coarser steps or --search random/optuna with --trials N"
+            )
 
 
 def build_space(methods: list[str], varies: list[str], labels: list[str]) -> Space:

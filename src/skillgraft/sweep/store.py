@@ -94,15 +94,27 @@ class Store:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=30.0)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        self.db.commit()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            self.db.commit()
+            self.db.execute("SELECT key, value FROM meta LIMIT 1").fetchall()
+            self.db.execute("SELECT key, state FROM trials LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise SkillgraftError(
+                f"{self.path} is not a readable sweep store ({e}); move it away (or the whole directory) "
+                f"to start the sweep afresh"
+            ) from None
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return json.loads(row["value"]) if row else default
+        try:
+            return json.loads(row["value"]) if row else default
+        except ValueError:
+            raise SkillgraftError(f"{self.path}: its record of {key!r} is damaged; move the store away to start afresh") from None
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.db:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
+from ..io.resolve import resolve_checkpoint
 from ..recipe import Recipe
 from .space import canonical_point
 
@@ -41,9 +42,10 @@ def point_recipe(base: Recipe, point: dict[str, Any]) -> Recipe:
 
 def estimate_inplace_bytes(recipe: Recipe, methods: list[str], allow_unmatched: bool = False) -> tuple[int, int]:
     """(bytes an in-place sweep needs, bytes available) for this VLM and these methods."""
-    import psutil
-
+    from ..extras import require
     from ..pipeline import prepare
+
+    psutil = require("psutil", "an in-place sweep")
 
     cache_taus, probe = _cache_mode(recipe, methods)
     with ExitStack() as stack:
@@ -104,7 +106,7 @@ class Worker:
         from .inplace import InPlaceModel
 
         t0 = time.perf_counter()
-        self.model, self.processor = self.evaluator.load(self.recipe.vlm)
+        self.model, self.processor = self.evaluator.load(resolve_checkpoint(self.recipe.vlm, "vlm"))
         t1 = time.perf_counter()
         cache_taus, probe = _cache_mode(self.recipe, self.methods)
         prep = prepare(point_recipe(self.recipe, {"method": probe}), self.stack, allow_unmatched=self.allow_unmatched)
@@ -133,7 +135,7 @@ class Worker:
             scores = self.evaluator.evaluate_loaded(self.model, self.processor)
         else:
             t1 = time.perf_counter()
-            scores = self.evaluator.evaluate_dir(self.recipe.vlm)
+            scores = self.evaluator.evaluate_dir(resolve_checkpoint(self.recipe.vlm, "vlm"))
         t2 = time.perf_counter()
         return _as_floats(scores), {"setup_s": t1 - t0, "eval_s": t2 - t1, "total_s": t2 - t0, **self.setup}
 
