@@ -183,7 +183,33 @@ def _legacy_torch_file(f: Path) -> bool:
     return head[:1] == b"\x80" and _LEGACY_MAGIC in head
 
 
-class CheckpointReader:
+class TensorIndex:
+    """The names, shapes and dtypes half of the reader interface, over ``_shape`` and ``_dtype``."""
+
+    _shape: dict[str, tuple[int, ...]]
+    _dtype: dict[str, torch.dtype]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._shape)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shape
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtype[name]
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for s in self._shape[name]:
+            n *= s
+        return n * self._dtype[name].itemsize
+
+
+class CheckpointReader(TensorIndex):
     """Read one tensor at a time from a checkpoint directory; knows every name, shape and dtype."""
 
     def __init__(self, root: str | Path):
@@ -247,25 +273,6 @@ class CheckpointReader:
                 self._where[name] = f
                 self._shape[name] = tuple(t.shape)
                 self._dtype[name] = t.dtype
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shape[name]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._dtype[name]
-
-    def nbytes(self, name: str) -> int:
-        n = 1
-        for s in self._shape[name]:
-            n *= s
-        return n * self._dtype[name].itemsize
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, on the CPU, in its stored dtype."""

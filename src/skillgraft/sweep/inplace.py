@@ -24,11 +24,12 @@ import torch
 
 from ..engine import MergeSettings, merge_tensor
 from ..errors import SkillgraftError
+from ..io.reader import TensorIndex
 from ..mapping.plan import Entry, Plan, build_plan
 from ..sources import Inputs
 
 
-class StateDictView:
+class StateDictView(TensorIndex):
     """The read interface of :class:`~skillgraft.io.reader.CheckpointReader` over a loaded model.
 
     Tensors that share storage (tied embeddings / LM head) are listed once, under the first name.
@@ -50,23 +51,8 @@ class StateDictView:
                     continue
                 seen[k] = name
             self._t[name] = t
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._t)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._t
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._t[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._t[name].dtype
-
-    def nbytes(self, name: str) -> int:
-        t = self._t[name]
-        return t.numel() * t.element_size()
+        self._shape = {n: tuple(t.shape) for n, t in self._t.items()}
+        self._dtype = {n: t.dtype for n, t in self._t.items()}
 
     def tensor(self, name: str) -> torch.Tensor:
         """The live tensor (writing to it changes the model)."""
