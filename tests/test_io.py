@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from skillgraft.errors import SkillgraftError
-from skillgraft.io.outdir import atomic_output_dir
+from skillgraft.io.outdir import atomic_output_dir, check_output_dir, foreign_entries, skillgraft_files
 from skillgraft.io.reader import CheckpointReader
 from skillgraft.io.safetensors_header import DTYPE_BITS, header_length, parse
 from skillgraft.io.resolve import resolve_checkpoint
@@ -137,6 +137,46 @@ def test_atomic_output_dir_cleans_up_on_failure(tmp_path):
             raise KeyboardInterrupt
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("record, content", [
+    ("skillgraft_report.json", {"skillgraft_version": "0", "weight_files": ["model.safetensors"], "copied_files": ["config.json"]}),
+    ("skillgraft_report.json", {"skillgraft_version": "0", "files": ["model.safetensors", "config.json"]}),
+    ("skill.json", {"skillgraft_skill": 1, "files": ["model.safetensors", "config.json"]}),
+])
+def test_an_output_is_skillgraft_own_when_its_record_lists_its_files(tmp_path, record, content):
+    """``force`` replaces a directory only when its record (a run's report, a skill's skill.json) is
+    skillgraft's and names every file in it; the record, README.md and the files listed are skillgraft's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.safetensors", "config.json", "README.md"):
+        (out / name).write_text("x")
+    (out / record).write_text(json.dumps(content))
+    assert {"model.safetensors", "config.json", "README.md", record} <= skillgraft_files(out)
+    assert foreign_entries(out) == []
+    assert check_output_dir(out, force=True) == out.resolve()
+    with pytest.raises(SkillgraftError, match="pass force=True"):
+        check_output_dir(out, force=False)
+    (out / "notes.txt").write_text("mine")
+    assert foreign_entries(out) == ["notes.txt"]
+    with pytest.raises(SkillgraftError, match="notes.txt"):
+        check_output_dir(out, force=True)
+
+
+@pytest.mark.parametrize("record, content", [
+    ("skill.json", {"files": ["model.safetensors"]}),  # no format version: not a skillgraft skill
+    ("skill.json", ["model.safetensors"]),
+    ("skillgraft_report.json", {"files": ["model.safetensors"]}),
+    ("skillgraft_report.json", "not json {"),
+])
+def test_a_record_that_is_not_skillgraft_own_makes_no_output_ours(tmp_path, record, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("x")
+    (out / record).write_text(content if isinstance(content, str) else json.dumps(content))
+    assert skillgraft_files(out) is None and foreign_entries(out) is None
+    with pytest.raises(SkillgraftError, match="did not write"):
+        check_output_dir(out, force=True)
 
 
 def test_row_ranges_direct_and_buffered_read_the_same_bytes(tmp_path):

@@ -5,7 +5,8 @@ A run claims ``OUT`` with :class:`OutputDir` before any merge work:
 - ``OUT`` must not be, contain or lie inside an input (VLM, experts, base, recipe file), and must not
   be or contain the current directory or the home directory, ``--force`` or not;
 - an existing ``OUT`` must be empty, or (with ``force``) a previous skillgraft output holding only
-  the files its ``skillgraft_report.json`` lists;
+  the files its record lists: ``skillgraft_report.json`` (inject, tune, ``skill export-lora``) or a
+  skill's ``skill.json`` (``skill extract``), see :data:`RECORDS`;
 - a lock file beside ``OUT`` (``.OUT.skillgraft-lock``, ``fcntl.flock``) is held for the whole run, so
   a second run to the same ``OUT`` fails at once;
 - temporary directories left by killed runs (``.OUT.skillgraft-tmp-PID`` of a dead PID) are removed.
@@ -35,6 +36,9 @@ from ..errors import SkillgraftError
 from .paths import inside_checkpoint
 
 MARKER = "skillgraft_report.json"
+# the record each kind of skillgraft output holds, and the key that marks it as skillgraft's own; both
+# list the files written (a report under weight_files/copied_files/files, a skill under files)
+RECORDS = {MARKER: "skillgraft_version", "skill.json": "skillgraft_skill"}
 _ALWAYS_OURS = frozenset({MARKER, "skillgraft_recipe.yaml", "README.md", "model.safetensors.index.json"})
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 _SKIP_FILES = {"README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -51,25 +55,32 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def skillgraft_files(out: Path) -> set[str] | None:
-    """The names a previous skillgraft output in ``out`` consists of (from its report); None if it is not one.
-
-    A report lists its files under ``weight_files``, ``copied_files`` and (for other writers) ``files``.
-    """
-    report = out / MARKER
-    if report.is_symlink() or not report.is_file():
+def _record(path: Path, key: str) -> dict | None:
+    """The JSON object in ``path`` if it is a regular file holding ``key``; else None."""
+    if path.is_symlink() or not path.is_file():
         return None
     try:
-        data = json.loads(report.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or "skillgraft_version" not in data:
-        return None
-    names = set(_ALWAYS_OURS)
-    for key in ("weight_files", "copied_files", "files"):
-        if isinstance(data.get(key), list):
-            names |= {x for x in data[key] if isinstance(x, str)}
-    return names
+    return data if isinstance(data, dict) and key in data else None
+
+
+def skillgraft_files(out: Path) -> set[str] | None:
+    """The names a previous skillgraft output in ``out`` consists of (from its record); None if it is not one.
+
+    A record (:data:`RECORDS`) lists its files under ``weight_files``, ``copied_files`` or ``files``.
+    """
+    for record, key in RECORDS.items():
+        data = _record(out / record, key)
+        if data is None:
+            continue
+        names = set(_ALWAYS_OURS) | {record}
+        for field in ("weight_files", "copied_files", "files"):
+            if isinstance(data.get(field), list):
+                names |= {x for x in data[field] if isinstance(x, str)}
+        return names
+    return None
 
 
 def foreign_entries(out: Path) -> list[str] | None:
@@ -78,6 +89,11 @@ def foreign_entries(out: Path) -> list[str] | None:
     if owned is None:
         return None
     return sorted(p.name for p in out.iterdir() if p.name not in owned or p.is_symlink() or not p.is_file())
+
+
+def local_inputs(refs: Iterable[tuple[str, "str | Path"]]) -> list[tuple[str, Path]]:
+    """The (role, reference) pairs that name local paths; a hub id is checked once resolved (``check_inputs``)."""
+    return [(role, Path(ref).expanduser()) for role, ref in refs if Path(ref).expanduser().exists()]
 
 
 def _check_inputs(o: Path, out: str | Path, inputs: Inputs) -> None:
@@ -122,7 +138,7 @@ def check_output_dir(out: str | Path, force: bool, inputs: Inputs = ()) -> Path:
                               cli=f"{what}; pass --force to replace a previous skillgraft output")
     foreign = foreign_entries(o)
     if foreign is None:
-        what = f"output directory {out} holds files skillgraft did not write (it has no {MARKER})"
+        what = f"output directory {out} holds files skillgraft did not write (it has no {' or '.join(RECORDS)})"
         why = "replaces only an empty directory or a previous skillgraft output: choose another directory"
         raise SkillgraftError(f"{what}; force {why}", cli=f"{what}; --force {why}")
     if foreign:
