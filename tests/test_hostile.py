@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from skillgraft import cli, pipeline
 from skillgraft.errors import SkillgraftError
+from skillgraft.skills import export as skill_export
+from skillgraft.skills import extract as skill_extract
 
 VOCAB, VLM_EXTRA = 64, 4
 
@@ -320,6 +322,122 @@ def test_dry_run_checks_the_output(w, tmp_path, capsys):
     refused(capsys, merge(w, out, "--dry-run"), "--force", inputs=[out], out=out)
     refused(capsys, merge(w, w.vlm, "--dry-run", "--force"), "is the VLM")
     refused(capsys, merge(w, tmp_path / "new", "--dry-run", "--shard-size", "0"), "shard size", out=tmp_path / "new")
+
+
+# ----------------------------------------------------------------------------- 1b. skill commands claim OUT as inject does
+@pytest.fixture(scope="module")
+def skill(w, tmp_path_factory):
+    """A skill of the shared expert (outside the shared tree): the input of ``skill export-lora``."""
+    out = tmp_path_factory.mktemp("skill") / "skill"
+    assert cli.main(["skill", "extract", str(w.expert), "--base", str(w.base), "-o", str(out), "-q",
+                     "--format", "lowrank", "--rank", "2"]) == 0
+    return out
+
+
+def skill_cmd(w, skill, cmd, out, *extra) -> list:
+    if cmd == "extract":
+        return ["skill", "extract", w.expert, "--base", w.base, "-o", out, "-q", *extra]
+    return ["skill", "export-lora", skill, "--vlm", w.vlm, "-o", out, "-q", *extra]
+
+
+SKILL_CMDS = ["extract", "export-lora"]
+
+
+@pytest.mark.parametrize("cmd", SKILL_CMDS)
+def test_skill_commands_refuse_an_output_in_or_over_an_input(w, skill, tmp_path, capsys, monkeypatch, cmd):
+    inputs = [skill]
+    if cmd == "extract":
+        refused(capsys, skill_cmd(w, skill, cmd, w.expert / "skill"), "lies inside the expert", out=w.expert / "skill")
+        refused(capsys, skill_cmd(w, skill, cmd, w.base, "--force"), "is the base", out=w.base)
+        refused(capsys, skill_cmd(w, skill, cmd, w.root, "--force"), "contains the expert", out=w.root)
+    else:
+        refused(capsys, skill_cmd(w, skill, cmd, skill / "adapter"), "lies inside the skill", inputs=inputs,
+                out=skill / "adapter")
+        refused(capsys, skill_cmd(w, skill, cmd, w.vlm / "adapter"), "lies inside the VLM", inputs=inputs,
+                out=w.vlm / "adapter")
+        refused(capsys, skill_cmd(w, skill, cmd, skill, "--force"), "is the skill", inputs=inputs, out=skill)
+        refused(capsys, skill_cmd(w, skill, cmd, skill.parent, "--force"), "contains the skill", inputs=inputs,
+                out=skill.parent)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "notes.md").write_text("mine")
+    monkeypatch.chdir(cwd)
+    refused(capsys, skill_cmd(w, skill, cmd, ".", "--force"), "current directory", inputs=[cwd, *inputs])
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    refused(capsys, skill_cmd(w, skill, cmd, "~", "--force"), "home directory", inputs=[home, *inputs])
+
+
+@pytest.mark.parametrize("cmd", SKILL_CMDS)
+def test_skill_commands_force_replaces_their_own_output_only(w, skill, tmp_path, capsys, cmd):
+    out = tmp_path / "out"
+    first, second = (["--format", "full"], ["--format", "bitdelta"]) if cmd == "extract" else \
+        (["--scale", "0.5"], ["--scale", "0.25"])
+    assert sg(capsys, *skill_cmd(w, skill, cmd, out, *first))[0] == 0
+    before = snapshot(out)
+    refused(capsys, skill_cmd(w, skill, cmd, out, *second), "--force", inputs=[skill, out], out=out)
+    code, _, err = sg(capsys, *skill_cmd(w, skill, cmd, out, *second, "--force"))
+    assert code == 0, err
+    assert snapshot(out) != before and leftovers(out) == ["out"]
+    if cmd == "extract":
+        assert json.loads((out / "skill.json").read_text())["format"] == "bitdelta"
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "skill.json", "skill.safetensors"]
+    else:
+        assert report_of(out)["scale"] == 0.25
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json",
+                                                         "adapter_model.safetensors", "skillgraft_report.json"]
+    (out / "my_eval.json").write_text('{"mme": 1500}')
+    refused(capsys, skill_cmd(w, skill, cmd, out, *first, "--force"), "my_eval.json", inputs=[skill, out], out=out)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    refused(capsys, skill_cmd(w, skill, cmd, mine, "--force"), "did not write", inputs=[skill, mine], out=mine)
+
+
+@pytest.mark.parametrize("cmd", SKILL_CMDS)
+def test_skill_commands_lock_the_output(w, skill, tmp_path, capsys, cmd):
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.skillgraft-lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run writing OUT holds it
+        os.write(fd, b"4242")
+        refused(capsys, skill_cmd(w, skill, cmd, out), "another skillgraft run (pid 4242)", inputs=[skill], out=None)
+        assert not out.exists()
+    finally:
+        os.close(fd)
+        lock.unlink()
+
+
+@pytest.mark.parametrize("cmd", SKILL_CMDS)
+def test_skill_commands_leave_nothing_half_written(w, skill, tmp_path, capsys, monkeypatch, cmd):
+    """A failure once the weights are written leaves no OUT, no temporary, no lock; a previous output is kept."""
+    def fail(*a, **k):
+        raise SkillgraftError("disk full (simulated)")
+
+    out = tmp_path / "out"
+    assert sg(capsys, *skill_cmd(w, skill, cmd, out))[0] == 0
+    before = snapshot(out)
+    monkeypatch.setattr(*((skill_extract, "skill_card", fail) if cmd == "extract" else (skill_export, "_card", fail)))
+    refused(capsys, skill_cmd(w, skill, cmd, tmp_path / "new"), "disk full", inputs=[skill], out=tmp_path / "new")
+    refused(capsys, skill_cmd(w, skill, cmd, out, "--force"), "disk full", inputs=[skill, out], out=out)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("cmd", SKILL_CMDS)
+def test_skill_commands_remove_a_stale_temporary(w, skill, tmp_path, capsys, cmd):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.skillgraft-tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "skill.safetensors").write_bytes(b"half a skill")
+    code, _, err = sg(capsys, *skill_cmd(w, skill, cmd, out))
+    assert code == 0, err
+    assert not stale.exists() and "stale" in err and stale.name in err
+    assert leftovers(out) == ["out"]
 
 
 # ----------------------------------------------------------------------------- 2. finite numbers

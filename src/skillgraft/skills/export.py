@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from typing import Any
 import torch
 
 from ..errors import SkillgraftError
-from ..io.outdir import atomic_output_dir, check_output_dir
+from ..io.outdir import MARKER, OutputDir, local_inputs
 from ..io.reader import CheckpointReader
 from ..io.resolve import resolve_checkpoint
 from ..mapping.plan import build_plan
+from ..report import write_json
 from ..version import __version__
 from . import compress as C
 from .detect import expert_kind, open_expert
@@ -157,6 +159,9 @@ def export_lora(
 ) -> ExportResult:
     """Write a PEFT LoRA adapter for ``vlm`` that adds ``scale`` times the skill's task vector.
 
+    ``out`` is claimed before any work as ``inject`` claims it (``io.outdir.OutputDir``): it must not
+    be, hold or lie inside the skill or the VLM, and ``force`` replaces only a previous skillgraft
+    output (the adapter's ``skillgraft_report.json`` lists its files).
     Warnings go to ``on_warning(message)`` when given, else to the ``skillgraft`` logger."""
     skill_dir = Path(skill)
     if not skill_dir.is_dir() or expert_kind(skill_dir) == "checkpoint":
@@ -168,9 +173,13 @@ def export_lora(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise SkillgraftError(f"energy must be in (0, 1], got {energy}")
     out = Path(out)
-    check_output_dir(out, force)
-    vlm_dir = resolve_checkpoint(str(vlm), "vlm")
-    with open_expert(skill_dir, None) as sr, CheckpointReader(vlm_dir) as vr:
+    with ExitStack() as stack:
+        refs = [("skill", skill_dir), ("VLM", vlm)]
+        claim = stack.enter_context(OutputDir(out, force, inputs=local_inputs(refs), log=on_warning or log.warning))
+        vlm_dir = resolve_checkpoint(str(vlm), "vlm")
+        claim.check_inputs([("VLM", vlm_dir)])
+        sr = stack.enter_context(open_expert(skill_dir, None))
+        vr = stack.enter_context(CheckpointReader(vlm_dir))
         cplan = build_plan(vr, [("skill", sr)], None, allow_unmatched=True)
         opened = OpenedExperts([("skill", sr)], None, {"skill": sr.describe()}, {"skill": sr})
         warnings = check_lineage(opened, cplan.vlm, ignore=ignore_lineage)
@@ -271,10 +280,13 @@ def export_lora(
                    "created_with": f"skillgraft {__version__}"}
         from safetensors.torch import save_file
 
-        with atomic_output_dir(out, force) as tmp:
+        with claim.stage() as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             (tmp / "README.md").write_text(_card(summary))
+            # the record that makes OUT skillgraft's own output (--force may replace it)
+            write_json(tmp / MARKER, {"skillgraft_version": __version__, "command": "skill export-lora", **summary,
+                                      "files": [ADAPTER_WEIGHTS, "adapter_config.json", "README.md"]})
     for w in summary["warnings"]:
         (on_warning or log.warning)(w)
     return ExportResult(out, config, summary)

@@ -21,6 +21,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..engine import DTYPES, UNRELATED_DELTA
 from ..errors import SkillgraftError
-from ..io.outdir import atomic_output_dir, check_output_dir
+from ..io.outdir import OutputDir, local_inputs
 from ..io.reader import CheckpointReader
 from ..io.resolve import resolve_checkpoint
 from ..io.writer import parse_size
@@ -295,27 +296,33 @@ def extract_skill(
 ) -> ExtractResult:
     """Extract ``tau = expert - base`` over the language model into the skill directory ``out``.
 
-    ``out`` is written atomically; an existing non-empty directory is refused unless ``force``.
+    ``out`` is claimed before any work as ``inject`` claims it (``io.outdir.OutputDir``): it must not
+    be, hold or lie inside the expert or the base, and ``force`` replaces only a previous skillgraft
+    output (a skill's ``skill.json`` lists its files). The skill is written atomically.
     Warnings go to ``on_warning(message)`` when given, else to the ``skillgraft`` logger.
     """
     settings = settings or SkillSettings()
     settings.check()
     out = Path(out)
     max_shard = parse_size(shard_size)
-    check_output_dir(out, force)
-    exp_dir, base_dir = resolve_checkpoint(expert, "expert"), resolve_checkpoint(base, "base")
-    for role, d in (("expert", exp_dir), ("base", base_dir)):
-        kind = expert_kind(d)
-        if kind != "checkpoint":
-            raise SkillgraftError(f"{role} {d} is a {'skill' if kind == 'skill' else 'LoRA adapter'} directory; "
-                                  f"skills are extracted from a full expert checkpoint and its base")
-    start = time.perf_counter()
-    with CheckpointReader(exp_dir) as er, CheckpointReader(base_dir) as br:
+    with ExitStack() as stack:
+        refs = [("expert", expert), ("base", base)]
+        claim = stack.enter_context(OutputDir(out, force, inputs=local_inputs(refs), log=on_warning or log.warning))
+        exp_dir, base_dir = resolve_checkpoint(expert, "expert"), resolve_checkpoint(base, "base")
+        claim.check_inputs([("expert", exp_dir), ("base", base_dir)])
+        for role, d in (("expert", exp_dir), ("base", base_dir)):
+            kind = expert_kind(d)
+            if kind != "checkpoint":
+                raise SkillgraftError(f"{role} {d} is a {'skill' if kind == 'skill' else 'LoRA adapter'} directory; "
+                                      f"skills are extracted from a full expert checkpoint and its base")
+        start = time.perf_counter()
+        er = stack.enter_context(CheckpointReader(exp_dir))
+        br = stack.enter_context(CheckpointReader(base_dir))
         pairs, notes, ck_e, ck_b = pair_tensors(er, br)
         names = [n for p in pairs for n in ([p.name] + [part_name(p.name, x) for x in PARTS[settings.format]])]
         total = sum(er.nbytes(p.expert) for p in pairs)
         tensors: dict[str, dict[str, Any]] = {}
-        with atomic_output_dir(out, force) as tmp:
+        with claim.stage() as tmp:
             writer = SkillWriter(tmp, names, max_shard)
             encode = _Encoder(settings, writer)
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="extracting", disable=not progress, leave=False)
