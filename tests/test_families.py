@@ -27,6 +27,7 @@ import torch
 
 import vlm_factories as vf
 from skillgraft import api as inject_mod
+from skillgraft.mapping.families import FAMILIES as SUPPORTED
 from skillgraft.recipe import ExpertSpec, Recipe
 
 SCALE = 0.7
@@ -50,11 +51,13 @@ _TEXT_MODEL_STYLE = {"v5": [("model.text_model.", "model."), ("lm_head.", "lm_he
 LM_PREFIXES: dict[str, dict[str, list[tuple[str, str]]]] = {
     "llava": _LLAVA_STYLE,
     "llava_next": _LLAVA_STYLE,
+    "llava_next_video": _LLAVA_STYLE,
     "llava_onevision": _LLAVA_STYLE,
     "gemma3": _LLAVA_STYLE,
     "mistral3": _LLAVA_STYLE,
     "internvl": _LLAVA_STYLE,
     "paligemma": _LLAVA_STYLE,
+    "aya_vision": _LLAVA_STYLE,
     "mllama": _LLAVA_STYLE,
     "qwen2_vl": _QWEN2_STYLE,
     "qwen2_5_vl": _QWEN2_STYLE,
@@ -343,9 +346,14 @@ def test_inject_bf16(family, tmp_path):
     assert torch.isfinite(vf.forward(model, vf.inputs(result.out_dir, model=model, family=b.family))).all()
 
 
+def test_every_supported_family_is_tested():
+    """Each family skillgraft lists has a factory here and an entry in the test's own name table."""
+    assert set(SUPPORTED) == set(vf.FAMILIES) == set(LM_PREFIXES)
+
+
 def test_vocab_and_tying_cases_covered():
     """The test bed exercises row slicing, tied and untied embeddings, and Mllama's layer remap."""
-    assert {f for f, fam in vf.FAMILIES.items() if fam.tied} >= {"gemma3", "paligemma"}
+    assert {f for f, fam in vf.FAMILIES.items() if fam.tied} >= {"gemma3", "paligemma", "aya_vision"}
     assert any(not fam.tied for fam in vf.FAMILIES.values())
     assert vf.FAMILIES["mllama"].layer_map is not None
 

@@ -14,9 +14,9 @@ The VLM checkpoint can be written in three layouts:
 - ``"saved"``:  exactly what ``save_pretrained`` of the installed transformers (5.24) writes.
   It reverse-converts the LM to the hub keys (``language_model.model.layers.N``,
   ``language_model.lm_head``; Qwen2-VL/2.5-VL ``model.layers.N``, ``visual.``), but for
-  LLaVA-style models with a CLIP/SigLIP tower (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3,
-  PaliGemma) it writes ``vision_tower.embeddings...`` without the hub's inner ``vision_model.``:
-  a layout of its own.
+  LLaVA-style models with a CLIP/SigLIP tower (LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video,
+  LLaVA-OneVision, Gemma 3, PaliGemma, Aya Vision) it writes ``vision_tower.embeddings...``
+  without the hub's inner ``vision_model.``: a layout of its own.
 - ``"legacy"``: the hub layout (``vision_tower.vision_model.*`` for CLIP/SigLIP towers).
   Identical to "saved" for Qwen2-VL, Qwen2.5-VL, Mistral 3, InternVL, Mllama.
 - ``"v5"``:     the transformers 5 module names (``model.language_model.*``,
@@ -30,7 +30,8 @@ have one layout only: legacy == v5 == saved; ``distinct_layouts`` lists what dif
 Vocabularies: base/expert have BASE_VOCAB (96) rows; the VLMs add their image/special tokens
 (100 or 104 rows). Mllama keeps lm_head at 96 rows and has embed_tokens with 96 + 8 rows
 (its ``<|image|>`` token, id 96, lives in the extra rows), as Llama 3.2 Vision does.
-Gemma 3 and PaliGemma tie embeddings (no lm_head in the file); all others are untied.
+Gemma 3, PaliGemma and Aya Vision (a Cohere2 LM) tie embeddings (no lm_head in the file); all
+others are untied.
 
 Nothing here imports skillgraft: this is the independent side of the engine tests.
 """
@@ -257,6 +258,31 @@ def _llava_next_inputs(model, cfg, t):
     return {"pixel_values": pv, "image_sizes": sizes, "input_ids": _ids(t, n, "<image>")}
 
 
+# ---- LLaVA-NeXT-Video ----------------------------------------------------------------
+def _llava_next_video_configs(t):
+    vocab = BASE_VOCAB + 4
+    cfg = tf.LlavaNextVideoConfig(vision_config=_clip_vision(), text_config=_llama(vocab),
+                                  image_token_index=t["<image>"], video_token_index=t["<video>"],
+                                  image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]], vision_feature_layer=-2,
+                                  vision_feature_select_strategy="default", spatial_pool_stride=2,
+                                  image_seq_length=4, video_seq_length=1, tie_word_embeddings=False)
+    return cfg, _llama(BASE_VOCAB)
+
+
+def _llava_next_video_inputs(model, cfg, t):
+    """One image (28x56: base crop + 2 tiles) and one video of 2 frames, in one sequence."""
+    pv = _pix(1, 3, 3, 28, 28)
+    sizes = torch.tensor([[28, 56]])
+    n_image = _count_image_features(model, pixel_values=pv, image_sizes=sizes)
+    video = _pix(1, 2, 3, 28, 28)
+    with torch.no_grad():
+        out = model.model.get_video_features(pixel_values_videos=video)
+    feats = getattr(out, "pooler_output", out)
+    n_video = feats.reshape(-1, feats.shape[-1]).shape[0]
+    ids = _ids(t, n_image, "<image>", after=["<video>"] * n_video)
+    return {"pixel_values": pv, "image_sizes": sizes, "pixel_values_videos": video, "input_ids": ids}
+
+
 # ---- LLaVA-OneVision -----------------------------------------------------------------
 def _llava_ov_configs(t):
     vocab = BASE_VOCAB + 4
@@ -473,6 +499,33 @@ def _paligemma_inputs(model, cfg, t):
     return {"pixel_values": _pix(1, 3, 28, 28), "input_ids": ids, "token_type_ids": tt}
 
 
+# ---- Aya Vision ----------------------------------------------------------------------
+AYA_TOKENS = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>"]
+
+
+def _cohere2(vocab: int):
+    return tf.Cohere2Config(
+        vocab_size=vocab, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
+        num_key_value_heads=KV, max_position_embeddings=256, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+
+
+def _aya_vision_configs(t):
+    vocab = BASE_VOCAB + 4
+    cfg = tf.AyaVisionConfig(vision_config=_siglip_vision(image_size=56), text_config=_cohere2(vocab),
+                             image_token_index=t["<|IMG_PATCH|>"], downsample_factor=2,
+                             vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=True)
+    return cfg, _cohere2(BASE_VOCAB)
+
+
+def _aya_vision_inputs(model, cfg, t):
+    # 56x56 at patch 14: 16 patches, pixel-shuffled by 2 into 4 image tokens
+    ids = _ids(t, 4, "<|IMG_PATCH|>", before=["<|START_OF_IMG|>"], after=["<|END_OF_IMG|>"])
+    return {"pixel_values": _pix(1, 3, 56, 56), "input_ids": ids}
+
+
 # ---- Mllama (Llama 3.2 Vision) -------------------------------------------------------
 MLLAMA_CROSS = [1, 4]  # text layers 0..5: 1 and 4 are cross-attention, LLM layers 0..3 -> 0, 2, 3, 5
 MLLAMA_LLM_LAYERS = 4
@@ -532,6 +585,9 @@ _register(Family("llava_next", tf.LlavaNextForConditionalGeneration, tf.MistralF
 _register(Family("llava_onevision", tf.LlavaOnevisionForConditionalGeneration, tf.Qwen2ForCausalLM,
                  _llava_ov_configs, ["<image>", "<video>"], _llava_ov_inputs,
                  legacy_renames=_llava_renames(extra=[("model.image_newline", "image_newline")]), saved_is_legacy=False))
+_register(Family("llava_next_video", tf.LlavaNextVideoForConditionalGeneration, tf.LlamaForCausalLM,
+                 _llava_next_video_configs, ["<image>", "<video>"], _llava_next_video_inputs,
+                 legacy_renames=_llava_renames(extra=[("model.image_newline", "image_newline")]), saved_is_legacy=False))
 _register(Family("qwen2_vl", tf.Qwen2VLForConditionalGeneration, tf.Qwen2ForCausalLM, _qwen2_vl_configs,
                  QWEN_TOKENS, _qwen_vl_inputs(14),
                  legacy_renames=[("model.language_model.", "model."), ("model.visual.", "visual.")],
@@ -558,6 +614,8 @@ _register(Family("internvl", tf.InternVLForConditionalGeneration, tf.Qwen2ForCau
 _register(Family("paligemma", tf.PaliGemmaForConditionalGeneration, tf.GemmaForCausalLM, _paligemma_configs,
                  ["<image>"], _paligemma_inputs, legacy_renames=_llava_renames(), tied=True, saved_is_legacy=False,
                  image_processor=_image_processor("SiglipImageProcessorPil", size={"height": 28, "width": 28})))
+_register(Family("aya_vision", tf.AyaVisionForConditionalGeneration, tf.Cohere2ForCausalLM, _aya_vision_configs,
+                 AYA_TOKENS, _aya_vision_inputs, legacy_renames=_llava_renames(), tied=True, saved_is_legacy=False))
 _register(Family("mllama", tf.MllamaForConditionalGeneration, tf.LlamaForCausalLM, _mllama_configs, ["<|image|>"],
                  _mllama_inputs,
                  legacy_renames=[("model.language_model.", "language_model.model."),
