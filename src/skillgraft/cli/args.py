@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +19,7 @@ from ..errors import SkillgraftError
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+Handler = Callable[[argparse.Namespace], int]
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +28,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+_COMMAND_PREFIX = re.compile(r"^``[^`]+``:\s*")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, run: Handler | None = None, doc: str | None = None,
+                **defaults: Any) -> Parser:
+    """The parser of command ``name``, described once by ``doc`` (its module's docstring; by default
+    ``run``'s): the first line, less a leading quoted command and colon, is its help in the list of
+    commands, the rest the description its own ``--help`` opens with. ``run`` handles its arguments."""
+    summary, _, body = (doc if doc is not None else run.__doc__ or "").strip().partition("\n")
+    p = sub.add_parser(name, help=_COMMAND_PREFIX.sub("", summary).rstrip("."), description=body.strip() or None)
+    if run is not None:
+        p.set_defaults(func=run, **defaults)
+    return p
 
 
 def warn(msg: str) -> None:

@@ -1,4 +1,4 @@
-"""``skillgraft eval``: score a checkpoint on the micro-world benchmark."""
+"""``skillgraft eval``: evaluate a checkpoint on the micro-world benchmark."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from ..errors import SkillgraftError
-from .args import add_verbosity, show_progress
+from .args import add_command, add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the micro-world benchmark")
+    e = add_command(sub, "eval", run, __doc__)
     e.add_argument("model", help="checkpoint directory or hub id (a VLM, or an LLM for text-only questions)")
     e.add_argument("--suite", default="microworld", choices=["microworld"])
     e.add_argument("--scenarios", help="comma-separated subset of general,cross_lingual,instruction,math")
@@ -19,7 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="write the scores to this JSON file")
     add_verbosity(e)
-    e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,8 @@
-"""``skillgraft inject``: merge an expert LLM's skill into a VLM and write a new checkpoint."""
+"""``skillgraft inject``: merge an expert LLM's skill into a VLM.
+
+Merge the language-model part of VLM with EXPERT relative to BASE; copy everything else.
+Example: skillgraft inject vlm/ expert/ --base base/ --method ta --scale 0.8 -o merged/
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,11 @@ import argparse
 
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..errors import SkillgraftError
-from .args import add_recipe_args, add_verbosity, floats, recipe_from_args, show_progress, warn
+from .args import add_command, add_recipe_args, add_verbosity, floats, recipe_from_args, show_progress, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inject",
-        help="merge an expert LLM's skill into a VLM",
-        description="Merge the language-model part of VLM with EXPERT relative to BASE; copy everything else. "
-        "Example: skillgraft inject vlm/ expert/ --base base/ --method ta --scale 0.8 -o merged/",
-    )
+    p = add_command(sub, "inject", run, __doc__, merges=True)
     add_recipe_args(p, vlm_help="VLM checkpoint directory or hub id (an LLM also works)",
                     expert_help="expert LLM checkpoint directory or hub id, a skill directory "
                     "(skillgraft skill extract) or a PEFT LoRA adapter directory")
@@ -40,7 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-lineage", action="store_true",
                    help="merge a skill even if its base fingerprint does not match the VLM's language model")
     add_verbosity(p)
-    p.set_defaults(func=run, merges=True)
 
 
 def run(args: argparse.Namespace) -> int:

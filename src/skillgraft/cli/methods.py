@@ -1,13 +1,14 @@
-"""``skillgraft methods``: the merge methods, their parameters and papers."""
+"""``skillgraft methods``: list merge methods and their parameters."""
 
 from __future__ import annotations
 
 import argparse
 
+from .args import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list merge methods and their parameters")
-    p.set_defaults(func=run)
+    add_command(sub, "methods", run, __doc__)
 
 
 def run(args: argparse.Namespace) -> int:

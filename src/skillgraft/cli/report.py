@@ -1,15 +1,18 @@
-"""``skillgraft report``: report.md, plots and the recommended recipe of a sweep directory."""
+"""``skillgraft report``: write report.md and plots for a sweep directory.
+
+Write SWEEP/report.md, its PNG plots and recommended_recipe.yaml from SWEEP/sweep.db.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from .args import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    rp = sub.add_parser("report", help="write report.md and plots for a sweep directory",
-                        description="Write SWEEP/report.md, its PNG plots and recommended_recipe.yaml from SWEEP/sweep.db.")
-    rp.add_argument("sweep_dir", help="a directory written by skillgraft sweep")
-    rp.set_defaults(func=run)
+    p = add_command(sub, "report", run, __doc__)
+    p.add_argument("sweep_dir", help="a directory written by skillgraft sweep")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""``skillgraft sweep``: score many merges of a VLM/expert pair and find the Goldilocks zone."""
+"""``skillgraft sweep``: search merge hyperparameters (scale, density, method) for a VLM/expert pair.
+
+Score many merges of EXPERT into VLM and find the Goldilocks zone. Example: skillgraft sweep VLM EXPERT --base BASE
+--vary scale=0:1.5:0.1 --vary density=0.1,0.3,0.5,1.0 --method ta,dare,ties --eval microworld -o SWEEP.
+Rerunning the same command on SWEEP resumes it.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
-from .args import EXIT_INTERRUPTED, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
+from .args import EXIT_INTERRUPTED, add_command, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
 
 EVALUATORS = ("microworld", "jsonl", "command", "python")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="search merge hyperparameters (scale, density, method) for a VLM/expert pair",
-        description="Score many merges of EXPERT into VLM and find the Goldilocks zone. Example: "
-        "skillgraft sweep VLM EXPERT --base BASE --vary scale=0:1.5:0.1 --vary density=0.1,0.3,0.5,1.0 "
-        "--method ta,dare,ties --eval microworld -o SWEEP. Rerunning the same command on SWEEP resumes it.",
-    )
+    p = add_command(sub, "sweep", run, __doc__)
     add_recipe_args(p, vlm_help="VLM checkpoint directory", expert_help="expert LLM checkpoint directory")
     p.add_argument("--method", default="ta", help="comma-separated methods to compare (default ta)")
     p.add_argument("--vary", action="append", default=[], metavar="NAME=SPEC",
@@ -70,7 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     p.add_argument("-o", "--out", required=True, help="sweep directory (created; resumed when it holds a sweep)")
     add_verbosity(p)
-    p.set_defaults(func=run)
 
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
