@@ -193,21 +193,13 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
 
 def _load_recipe_file(path: str, vlm: str | None):
     """A skillgraft recipe, or a mergekit config converted with ``vlm`` as the model merged into."""
-    import yaml
-
-    from ..recipe import Recipe
+    from ..convert.mergekit import convert_mergekit, is_mergekit_config
+    from ..recipe import Recipe, read_yaml
 
     p = Path(path)
     if vlm is None:
         return Recipe.load(p)
-    if not p.is_file():
-        raise SkillgraftError(f"recipe file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SkillgraftError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    from ..convert.mergekit import convert_mergekit, is_mergekit_config
-
+    data = read_yaml(p, "recipe file")
     if not is_mergekit_config(data):
         raise SkillgraftError(f"{p} is a skillgraft recipe, which names its VLM itself; drop --vlm")
     return convert_mergekit(data, vlm, source=str(p))

@@ -21,10 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SkillgraftError
-from ..recipe import Recipe
+from ..recipe import Recipe, read_yaml
 
 # mergekit method -> (skillgraft method, mergekit's defaults for the shared parameters)
 METHOD_MAP: dict[str, tuple[str, dict[str, Any]]] = {
@@ -65,15 +63,9 @@ def is_mergekit_config(data: Any) -> bool:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SkillgraftError(f"mergekit config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SkillgraftError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "mergekit config")
     if not is_mergekit_config(data):
-        raise SkillgraftError(f"{p}: not a mergekit config (no merge_method)")
+        raise SkillgraftError(f"{Path(path)}: not a mergekit config (no merge_method)")
     return data
 
 
