@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..engine import UNRELATED_DELTA
+from ..mapping.checks import UNRELATED_DELTA
 from ..mapping.layout import EMBED, layer_count
 
 ROWS = 4  # rows per tensor
