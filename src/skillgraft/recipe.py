@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SkillgraftError
+from .methods import METHODS
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["inject", "symmetric"]
@@ -167,8 +168,6 @@ class Recipe(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from .methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
         return v

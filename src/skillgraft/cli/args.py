@@ -88,7 +88,7 @@ def configure_output(verbose: int = 0, quiet: bool = False) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     if "transformers" in sys.modules:  # already imported (the CLI called in-process): tell it directly
-        from transformers.utils import logging as tf_logging
+        from transformers.utils import logging as tf_logging  # deferred: transformers, set only if already loaded
 
         if not bars:
             tf_logging.disable_progress_bar()
@@ -107,7 +107,7 @@ def floats(text: str) -> float | list[float]:
 
 def parse_assignment(text: str, flag: str = "--param") -> tuple[str, Any]:
     """``NAME=VALUE`` with VALUE read as YAML (``0.5`` -> 0.5, ``true`` -> True, ``l1`` -> 'l1')."""
-    import yaml
+    import yaml  # deferred: yaml, keeps --help fast
 
     if "=" not in text:
         raise SkillgraftError(f"{flag} expects NAME=VALUE, got {text!r}")
@@ -148,7 +148,7 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
     ``method`` overrides ``args.method`` (a sweep passes its first method); ``args.scale`` and
     ``args.density`` are read when present.
     """
-    from ..recipe import Recipe
+    from ..recipe import Recipe  # deferred: torch and pydantic, keeps --help fast
 
     method = method if method is not None else getattr(args, "method", None)
     scale, density = getattr(args, "scale", None), getattr(args, "density", None)
@@ -193,8 +193,8 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
 
 def _load_recipe_file(path: str, vlm: str | None):
     """A skillgraft recipe, or a mergekit config converted with ``vlm`` as the model merged into."""
-    from ..convert.mergekit import convert_mergekit, is_mergekit_config
-    from ..recipe import Recipe, read_yaml
+    from ..convert.mergekit import convert_mergekit, is_mergekit_config  # deferred: torch, keeps --help fast
+    from ..recipe import Recipe, read_yaml  # deferred: torch and pydantic, keeps --help fast
 
     p = Path(path)
     if vlm is None:

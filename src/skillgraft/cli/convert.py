@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert.mergekit import convert_mergekit
+    from ..convert.mergekit import convert_mergekit  # deferred: torch, keeps --help fast
 
     recipe = convert_mergekit(args.config, args.vlm)
     if not args.out:

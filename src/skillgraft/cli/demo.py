@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..microworld.demo import run_demo  # torch and transformers: imported when the command runs
+    from ..microworld.demo import run_demo  # deferred: torch and transformers, keeps --help fast
 
     run_demo(Path(args.out), progress=show_progress(args))
     return 0

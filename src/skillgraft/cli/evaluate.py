@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # torch and transformers: imported when the command runs
-    from ..api import check_device
-    from ..io.reader import CheckpointReader
-    from ..evaluate.microworld import SCENARIOS, evaluate, format_table
+    from ..api import check_device  # deferred: torch, keeps --help fast
+    from ..evaluate.microworld import SCENARIOS, evaluate, format_table  # deferred: torch, keeps --help fast
+    from ..io.reader import CheckpointReader  # deferred: torch, keeps --help fast
+    from ..io.resolve import display_name, resolve_checkpoint  # deferred: torch, keeps --help fast
 
     scenarios = None
     if args.scenarios:
@@ -36,8 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise SkillgraftError("--limit must be at least 1")
     check_device(args.device)
-    from ..io.resolve import display_name, resolve_checkpoint
-
     model = resolve_checkpoint(args.model, "model")
     with CheckpointReader(model):  # headers, index paths and pickles checked before transformers loads it
         pass

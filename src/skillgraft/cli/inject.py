@@ -10,6 +10,7 @@ import argparse
 
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..errors import SkillgraftError
+from ..memory import parse_size
 from .args import add_command, add_recipe_args, add_verbosity, floats, recipe_from_args, show_progress, warn
 
 
@@ -42,10 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # the API (and torch with it) is imported when the command runs, so `--help` stays fast
-    from ..api import inject, memory_notes, plan_only
-    from ..memory import parse_size
-    from ..report import plan_table
+    from ..api import inject, memory_notes, plan_only  # deferred: torch, keeps --help fast
+    from ..io.push import check_pushable, push_to_hub  # deferred: torch, keeps --help fast
+    from ..report import plan_table  # deferred: torch, keeps --help fast
 
     recipe = recipe_from_args(args)
     protect = [args.recipe] if args.recipe else []
@@ -64,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise SkillgraftError("give an output directory with -o OUT")
     if args.push_to_hub:
-        from ..io.push import check_pushable
-
         check_pushable(args.push_to_hub)  # before the merge, not after an hour of it
     result = inject(
         recipe,
@@ -86,7 +84,5 @@ def run(args: argparse.Namespace) -> int:
         f"{c['copied']} copied, {result.report['seconds']:.1f} s"
     )
     if args.push_to_hub:
-        from ..io.push import push_to_hub
-
         print(f"pushed to {args.push_to_hub}: {push_to_hub(result.out_dir, args.push_to_hub, private=args.private)}")
     return 0

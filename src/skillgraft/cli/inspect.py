@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         require("matplotlib", "--plot")
-    from ..api import inspect, inspect_json, inspect_plot, inspect_table
+    from ..api import inspect, inspect_json, inspect_plot, inspect_table  # deferred: torch, keeps --help fast
 
     ins = inspect(args.vlm, args.expert, args.base, threshold=args.threshold, rank_samples=args.rank_samples,
                   progress=show_progress(args), allow_unmatched=args.allow_unmatched)

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..methods import METHODS  # torch: imported when the command runs
+    from ..methods import METHODS  # deferred: torch, keeps --help fast
 
     for m in METHODS.values():
         flags = ", ".join(f for f, on in (("random", m.stochastic), ("density", m.uses_density),

@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sweep.analysis import load_results  # matplotlib: imported when the command runs
-    from ..sweep.report import summary_lines, write_report
+    from ..sweep.analysis import load_results  # deferred: torch, keeps --help fast
+    from ..sweep.report import summary_lines, write_report  # deferred: torch, keeps --help fast
 
     path = write_report(args.sweep_dir)
     for line in summary_lines(load_results(args.sweep_dir)):

@@ -64,8 +64,8 @@ def run_extract(args: argparse.Namespace) -> int:
     skill.json (sources, settings, per-tensor norms and errors, base fingerprint) and a README.md card.
     Example: skillgraft skill extract expert/ --base base/ --format lowrank --rank 64 -o skill/
     """
-    from ..api import SkillSettings, extract_skill
-    from ..skills.info import format_info, skill_info
+    from ..api import SkillSettings, extract_skill  # deferred: torch, keeps --help fast
+    from ..skills.info import format_info, skill_info  # deferred: torch, keeps --help fast
 
     settings = SkillSettings(format=args.format, rank=args.rank, energy=args.energy, density=args.density,
                              dtype=args.dtype)
@@ -77,8 +77,8 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """describe a skill or LoRA adapter directory"""
-    from ..api import skill_info
-    from ..skills.info import format_info
+    from ..api import skill_info  # deferred: torch, keeps --help fast
+    from ..skills.info import format_info  # deferred: torch, keeps --help fast
 
     info = skill_info(args.skill)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
@@ -87,8 +87,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """list the skills and LoRA adapters in a folder (a skill library)"""
-    from ..api import list_skills
-    from ..skills.info import format_list
+    from ..api import list_skills  # deferred: torch, keeps --help fast
+    from ..skills.info import format_list  # deferred: torch, keeps --help fast
 
     items = list_skills(args.dir)
     if args.json:
@@ -107,7 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
     PeftModel.from_pretrained(vlm_model, ADAPTER) then computes what `skillgraft inject VLM SKILL --scale S` writes,
     without a merged checkpoint. Example: skillgraft skill export-lora skill/ --vlm vlm/ --scale 0.8 -o adapter/
     """
-    from ..api import export_lora
+    from ..api import export_lora  # deferred: torch, keeps --help fast
 
     result = export_lora(args.skill, args.vlm, args.out, scale=args.scale, rank=args.rank, energy=args.energy,
                          force=args.force, ignore_lineage=args.ignore_lineage)

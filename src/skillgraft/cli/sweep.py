@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
+from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator, make_evaluator
+from ..microworld.scenarios import scenarios_taught
+from ..sweep.objective import Objective
 from .args import EXIT_INTERRUPTED, add_command, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
 
 EVALUATORS = ("microworld", "jsonl", "command", "python")
@@ -72,8 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
-    from ..api import check_device
-    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator
+    from ..api import check_device  # deferred: torch, keeps --help fast
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
@@ -116,12 +118,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def build_config(args: argparse.Namespace):
     """The sweep's configuration from its command-line arguments (checked before anything runs)."""
-    from ..evaluate import make_evaluator
-    from ..methods import METHODS
-    from ..microworld.scenarios import scenarios_taught
-    from ..sweep.objective import Objective
-    from ..sweep.runner import SweepConfig
-    from ..sweep.space import build_space
+    from ..methods import METHODS  # deferred: torch, keeps --help fast
+    from ..sweep.runner import SweepConfig  # deferred: torch, keeps --help fast
+    from ..sweep.space import build_space  # deferred: torch, keeps --help fast
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
@@ -160,9 +159,9 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sweep.analysis import load_results
-    from ..sweep.report import REPORT, summary_lines
-    from ..sweep.runner import run_sweep
+    from ..sweep.analysis import load_results  # deferred: torch, keeps --help fast
+    from ..sweep.report import REPORT, summary_lines  # deferred: torch, keeps --help fast
+    from ..sweep.runner import run_sweep  # deferred: torch, keeps --help fast
 
     cfg = build_config(args)
     try:

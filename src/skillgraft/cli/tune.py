@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         require("matplotlib", "--plot")
-    from ..api import TuneSettings, tune
+    from ..api import TuneSettings, tune  # deferred: torch, keeps --help fast
 
     recipe = recipe_from_args(args)
     settings = TuneSettings(scale_range=args.range, budget=args.budget, per_layer=args.per_layer, groups=args.groups,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..microworld.zoo import zoo_path
 from .args import Parser, add_command, add_verbosity, show_progress
 
 
@@ -25,15 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_path(args: argparse.Namespace) -> int:
     """print the directory of a shipped checkpoint"""
-    from ..microworld.zoo import zoo_path
-
     print(zoo_path(args.name))
     return 0
 
 
 def run_build(args: argparse.Namespace) -> int:
     """retrain the whole zoo from seed on the CPU"""
-    from ..microworld.build import build_zoo  # torch: imported when the command runs
+    from ..microworld.build import build_zoo  # deferred: torch and transformers, keeps --help fast
 
     timings = build_zoo(Path(args.out), seed=args.seed, quick=args.quick, progress=show_progress(args))
     for name, seconds in timings.items():
@@ -47,7 +46,7 @@ def run_probes(args: argparse.Namespace) -> int:
     Write DIR/image_prompts.jsonl (with DIR/images/) and DIR/text_prompts.jsonl for an expert: prompts drawn like the
     training data, never a benchmark item, never an answer. Example: skillgraft zoo probes expert-multilingual -o probes/
     """
-    from ..microworld.probes import write_probes
+    from ..microworld.probes import write_probes  # deferred: torch and PIL (an extra), keeps --help fast
 
     files = write_probes(args.name, args.out, args.n)
     print(f"wrote {files['image_prompts']} and {files['text_prompts']} ({args.n} prompts each)")

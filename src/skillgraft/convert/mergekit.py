@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
+from ..methods import METHODS
 from ..recipe import Recipe, read_yaml
 
 # mergekit method -> (skillgraft method, mergekit's defaults for the shared parameters)
@@ -215,8 +216,6 @@ def _check_tokenizer(config: dict[str, Any], vlm: str, base: str | None, same: A
 
 
 def _has_param(method: str, name: str) -> bool:
-    from ..methods import METHODS
-
     return any(p.name == name for p in METHODS[method].params)
 
 

@@ -217,8 +217,8 @@ class JsonlEvaluator(Evaluator):
         return text.replace("{image}", image_token if has_image else "").strip()
 
     def predict(self, model: Any, processor: Any) -> list[str]:
-        import torch
-        from PIL import Image
+        import torch  # deferred: torch, keeps --help fast (the CLI's sweep imports the evaluators)
+        from PIL import Image  # deferred: PIL, an optional extra
 
         if processor is None:
             raise SkillgraftError("the model has no processor or tokenizer files; the jsonl evaluator needs one")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import SkillgraftError
 from ..io.outdir import atomic_output_dir, check_output_dir
@@ -74,7 +75,7 @@ class ModuleView(TensorIndex):
 
 def meta_model(vlm_dir: Path) -> torch.nn.Module:
     """The VLM's transformers model (its ``architectures[0]`` class) on the meta device: names, no weights."""
-    import transformers
+    import transformers  # deferred: transformers, not loaded by a merge
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(vlm_dir))
@@ -254,8 +255,6 @@ def export_lora(
                    "modules_to_save": len(set(saved)), "ranks": dict(Counter(ranks.values())),
                    "lineage": opened.sources["skill"].get("lineage_distance"), "warnings": warnings + mplan.warnings,
                    "created_with": f"skillgraft {__version__}"}
-        from safetensors.torch import save_file
-
         with atomic_output_dir(out, force) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
