@@ -166,8 +166,9 @@ def convert_mergekit(config: dict[str, Any] | str | Path, vlm: str, *, source: s
         return _slerp(recipe, config, entries, vlm, base, same, fail, where)
     if mine:
         _ref_, w, d = mine[0]
-        if isinstance(w, list):
-            raise fail("the VLM's own weight cannot be a gradient; give it a number")
+        if isinstance(w, list) or isinstance(d, list):
+            what = "weight" if isinstance(w, list) else "density"
+            raise fail(f"the VLM's own {what} cannot be a gradient; give it a number")
         recipe["vlm_weight"] = w
         recipe["vlm_density"] = d
         recipe["mode"] = "inject" if kind_interp else "symmetric"
@@ -260,13 +261,9 @@ def _gradient(v: Any, where: str, fail: Any) -> float | list[float]:
     return _scalar(v, where, fail)
 
 
-def _density(v: Any, where: str, fail: Any) -> float:
-    if isinstance(v, list) and len(v) > 1 and not any(isinstance(x, dict) for x in v):
-        raise fail(f"{where}: density gradients are not supported yet (per-layer density schedules); "
-                   "give one density")
+def _density(v: Any, where: str, fail: Any) -> float | list[float]:
+    """A density in (0, 1], or a gradient of them: a per-layer density schedule, interpolated like a weight's."""
     d = _gradient(v, where, fail)
-    if isinstance(d, list):
-        raise fail(f"{where}: give one density")
-    if not 0 < d <= 1:
+    if not all(0 < x <= 1 for x in (d if isinstance(d, list) else [d])):
         raise fail(f"{where}: density must lie in (0, 1]")
     return d
