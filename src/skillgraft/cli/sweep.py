@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
-from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator, make_evaluator
 from ..microworld.scenarios import scenarios_taught
-from ..sweep.objective import Objective
 from .args import EXIT_INTERRUPTED, add_command, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
 
 EVALUATORS = ("microworld", "jsonl", "command", "python")
@@ -76,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
     from ..api import check_device  # deferred: torch, keeps --help fast
+    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator  # deferred: subprocess, keeps --help fast
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
@@ -118,7 +117,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def build_config(args: argparse.Namespace):
     """The sweep's configuration from its command-line arguments (checked before anything runs)."""
+    from ..evaluate import make_evaluator  # deferred: subprocess, keeps --help fast
     from ..methods import METHODS  # deferred: torch, keeps --help fast
+    from ..sweep.objective import Objective  # deferred: dataclasses, keeps --help fast
     from ..sweep.runner import SweepConfig  # deferred: torch, keeps --help fast
     from ..sweep.space import build_space  # deferred: torch, keeps --help fast
 
