@@ -38,7 +38,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, run: Handler | None 
     """The parser of command ``name``, described once by ``doc`` (its module's docstring; by default
     ``run``'s): the first line, less a leading quoted command and colon, is its help in the list of
     commands, the rest the description its own ``--help`` opens with. ``run`` handles its arguments."""
-    summary, _, body = (doc if doc is not None else run.__doc__ or "").strip().partition("\n")
+    text = doc if doc is not None else (run.__doc__ if run is not None else None)
+    summary, _, body = (text or "").strip().partition("\n")
     p = sub.add_parser(name, help=_COMMAND_PREFIX.sub("", summary).rstrip("."), description=body.strip() or None)
     if run is not None:
         p.set_defaults(func=run, **defaults)
