@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
     from ..api import check_device  # deferred: torch, keeps --help fast
-    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator  # deferred: subprocess, keeps --help fast
+    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator  # deferred: torch, keeps --help fast
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
@@ -117,7 +117,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def build_config(args: argparse.Namespace):
     """The sweep's configuration from its command-line arguments (checked before anything runs)."""
-    from ..evaluate import make_evaluator  # deferred: subprocess, keeps --help fast
+    from ..evaluate import make_evaluator  # deferred: torch, keeps --help fast
     from ..methods import METHODS  # deferred: torch, keeps --help fast
     from ..sweep.objective import Objective  # deferred: dataclasses, keeps --help fast
     from ..sweep.runner import SweepConfig  # deferred: torch, keeps --help fast
