@@ -40,7 +40,6 @@ from .schedule import effective_weights, lm_layer_index, module_kind, value_at
 from .sources import Feed, FileSource, Inputs, MemorySource, Read, holds_deltas, sample_rows
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base (skills use it)
 RANDOM_BLOCK = 1 << 22  # entries of a random block of row-local random methods (and the largest work block)
 ALL_ROWS = slice(None)  # a read of an entry held whole
 # outputs this large are written with O_DIRECT: copying them into the page cache cost more CPU than
