@@ -130,10 +130,6 @@ def test_methods_import_only_torch_and_numpy(graph):
 
 
 # function-level imports still to be marked (or moved to the top) in their own modules
-UNMARKED = {("skillgraft/memory.py", "import resource"), ("skillgraft/memory.py", "import torch"),
-            ("skillgraft/methods/sparsify.py", "from .streams import BlockStreams")}
-
-
 def test_function_level_imports_are_deferred_on_purpose():
     """An import inside a function defers a heavy or optional dependency (torch, transformers, an extra)
     and says which in a trailing ``# deferred: WHAT, WHY`` comment; every other import is at the top."""
@@ -149,7 +145,7 @@ def test_function_level_imports_are_deferred_on_purpose():
                     comments = [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
                     if not any("deferred" in c for c in comments):
                         found.add((str(path.relative_to(SRC)), node.lineno, lines[node.lineno - 1].strip()))
-    unmarked = sorted(f"{f}:{n}: {line}" for f, n, line in found if (f, line) not in UNMARKED)
+    unmarked = sorted(f"{f}:{n}: {line}" for f, n, line in found)
     assert not unmarked, "imports inside functions without a '# deferred: ...' comment:\n" + "\n".join(unmarked)
 
 

@@ -73,7 +73,7 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
+        import resource  # deferred: only where /proc is missing
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -152,7 +152,7 @@ def merge_process_policy() -> tuple[int, Callable[[], None]]:
     blocks are merged side by side in threads instead of each op being split across cores (on a
     busy machine OpenMP's barriers make split ops several times slower; measured in BENCHMARKS.md).
     """
-    import torch
+    import torch  # deferred: torch, memory.py is imported by the CLI before any merge
 
     tune_allocator()
     before = torch.get_num_threads()
