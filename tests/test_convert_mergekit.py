@@ -65,13 +65,20 @@ def examples(p: dict[str, Path]) -> dict[str, dict]:
                               {"model": M, "parameters": {"weight": 0.3}},
                               {"model": BIO, "parameters": {"weight": 0.5}}],
                    "merge_method": "linear", "dtype": "float32"},
-        # examples/ties.yml with its weight gradient; its density gradient and per-module filter are
-        # tested for refusal below, here one density and one weight each
+        # examples/ties.yml with its weight gradient; its density gradient sits on the first model, whose
+        # place the VLM takes here (refused below: the VLM's own density is one number), and its per-module
+        # filter is refused below too: here one density and one weight each
         "ties-gradient": {"models": [{"model": I, "parameters": {"density": 0.7, "weight": 1.0}},
                                      {"model": BIO, "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
                                      {"model": M, "parameters": {"density": 0.33, "weight": 0.5}}],
                           "merge_method": "ties", "base_model": B,
                           "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float32"},
+        # examples/ties.yml's density gradient on an expert: a per-layer density schedule
+        "ties-density-gradient": {"models": [{"model": I, "parameters": {"density": 0.7, "weight": 1.0}},
+                                             {"model": BIO, "parameters": {"density": [1, 0.7, 0.1], "weight": 0.5}},
+                                             {"model": M, "parameters": {"density": 0.33, "weight": 0.5}}],
+                                  "merge_method": "ties", "base_model": B,
+                                  "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float32"},
         # examples/gradient-slerp.yml with one t (its per-module t filters are refused below)
         "slerp": {"models": [{"model": I}, {"model": BIO}], "merge_method": "slerp", "base_model": I,
                   "parameters": {"t": 0.3}, "dtype": "float32"},
@@ -101,7 +108,8 @@ def mergekit_outputs(llms, tmp_path_factory):
 
 
 # the VLM takes the place of the config's first model (an LLM here, so mergekit can run the same merge)
-@pytest.mark.parametrize("name", ["bio-merge", "linear", "ties-gradient", "slerp", "task-arithmetic"])
+@pytest.mark.parametrize("name", ["bio-merge", "linear", "ties-gradient", "ties-density-gradient", "slerp",
+                                  "task-arithmetic"])
 def test_examples_convert_and_match_mergekit(llms, mergekit_outputs, tmp_path, name):
     cfg = examples(llms)[name]
     vlm = cfg["models"][0]["model"]
@@ -111,7 +119,7 @@ def test_examples_convert_and_match_mergekit(llms, mergekit_outputs, tmp_path, n
     assert ours.keys() == theirs.keys()
     # mergekit evaluates a gradient at its first anchor for the final norm and the LM head; skillgraft
     # at the last (where they sit in the network): documented in docs/methods.md
-    skip = {"model.norm.weight", "lm_head.weight"} if name == "ties-gradient" else set()
+    skip = {"model.norm.weight", "lm_head.weight"} if "gradient" in name else set()
     for k in sorted(set(ours) - skip):
         assert torch.allclose(ours[k], theirs[k], atol=2e-6, rtol=1e-5), (name, k, (ours[k] - theirs[k]).abs().max())
 
@@ -123,6 +131,10 @@ def test_conversions_keep_mergekit_defaults(llms):
     assert (r.method, r.mode, r.base, r.vlm_weight, r.vlm_density) == ("ties", "symmetric", B, 1.0, 0.7)
     assert r.parameters == {"normalize": True}
     assert [(e.model, e.scale, e.density) for e in r.experts] == [(BIO, [0, 0.3, 0.7, 1], 0.5), (M, 0.5, 0.33)]
+    # a density gradient is a per-layer density schedule, like a weight gradient
+    r = convert_mergekit(ex["ties-density-gradient"], I)
+    assert (r.mode, r.vlm_density) == ("symmetric", 0.7)
+    assert [(e.model, e.scale, e.density) for e in r.experts] == [(BIO, 0.5, [1, 0.7, 0.1]), (M, 0.5, 0.33)]
     # mergekit's TIES normalises by default, its DARE rescales to the L1 norm: both kept when implicit
     ties = convert_mergekit({**ex["bio-merge"], "parameters": {}}, I)
     assert ties.parameters == {"normalize": True}
@@ -159,12 +171,18 @@ def test_unsupported_configs_are_refused_by_name(llms, patch, fragment):
     assert str(e.value).startswith("mk.yml: ") and fragment in str(e.value) and "\n" not in str(e.value)
 
 
-def test_ties_example_density_gradient_and_filters_are_refused(llms):
+def test_ties_example_vlm_density_gradient_and_filters_are_refused(llms):
     ex = examples(llms)["ties-gradient"]
     grad = {**ex, "models": [{"model": ex["models"][0]["model"], "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
                              *ex["models"][1:]]}
-    with pytest.raises(SkillgraftError, match=r"models\[0\]\.density: density gradients are not supported yet"):
+    with pytest.raises(SkillgraftError, match=r"the VLM's own density cannot be a gradient; give it a number"):
         convert_mergekit(grad, str(llms["instruct"]))
+    # the same config into a VLM that is none of its models: every model an expert, the gradient its schedule
+    r = convert_mergekit(grad, "org/some-vlm")
+    assert r.mode == "inject" and r.experts[0].density == [1, 0.7, 0.1]
+    bad = {**ex, "models": [*ex["models"][:1], {"model": ex["models"][1]["model"], "parameters": {"density": [0.5, 0]}}]}
+    with pytest.raises(SkillgraftError, match=r"models\[1\]\.density: density must lie in \(0, 1\]"):
+        convert_mergekit(bad, str(llms["instruct"]))
     filt = {**ex, "models": [*ex["models"][:2], {"model": ex["models"][2]["model"], "parameters": {
         "density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}]}
     with pytest.raises(SkillgraftError, match=r"models\[2\]\.weight: per-module filters \(filter: \.\.\.\) are not supported"):
@@ -194,3 +212,33 @@ def test_cli_inject_and_convert(llms, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = yaml.safe_load((tmp_path / "b" / "skillgraft_recipe.yaml").read_text())
     assert saved["method"] == "ties" and saved["mode"] == "symmetric" and saved["parameters"] == {"normalize": False}
+
+
+def test_cli_inject_with_a_density_gradient(llms, tmp_path):
+    """``skillgraft inject --recipe mk.yml --vlm VLM`` runs a config with a density gradient on an expert,
+    writes the gradient into the recipe it saves, and merges what the converted recipe merges in-process."""
+    cfg = examples(llms)["ties-density-gradient"]
+    mk = tmp_path / "mk.yml"
+    mk.write_text(yaml.safe_dump(cfg))
+    vlm = cfg["models"][0]["model"]
+    p = subprocess.run([sys.executable, "-m", "skillgraft", "inject", "--recipe", str(mk), "--vlm", vlm,
+                        "-o", str(tmp_path / "cli"), "-q"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((tmp_path / "cli" / "skillgraft_recipe.yaml").read_text())
+    assert [e["density"] for e in saved["experts"]] == [[1.0, 0.7, 0.1], 0.33]
+    inject(convert_mergekit(mk, vlm), tmp_path / "lib", progress=False)
+    cli, lib = _load(tmp_path / "cli"), _load(tmp_path / "lib")
+    assert cli.keys() == lib.keys() and all(torch.equal(cli[k], lib[k]) for k in cli)
+    # the schedule reaches the layers: the first takes the first anchor (1), the last the last (0.1), each
+    # exactly as a merge with that one density
+    def with_bio_density(d: float) -> dict[str, torch.Tensor]:
+        r = convert_mergekit(mk, vlm)
+        experts = [r.experts[0].model_copy(update={"density": d}), *r.experts[1:]]
+        inject(r.model_copy(update={"experts": experts}), tmp_path / f"d{d}", progress=False)
+        return _load(tmp_path / f"d{d}")
+
+    hi, lo = with_bio_density(1.0), with_bio_density(0.1)
+    first, last = "model.layers.0.", f"model.layers.{N_LAYERS - 1}."
+    assert all(torch.equal(cli[k], hi[k]) for k in cli if k.startswith(first))
+    assert all(torch.equal(cli[k], lo[k]) for k in cli if k.startswith(last))
+    assert not torch.equal(cli[last + "mlp.up_proj.weight"], hi[last + "mlp.up_proj.weight"])

@@ -369,10 +369,20 @@ def test_whole_matrix_methods_say_so_and_are_bounded(bitid, tmp_path):
 def test_run_changes_no_process_wide_state(llava_triple, tmp_path, monkeypatch):
     import ctypes
 
-    def no_libc(*a, **k):
-        raise AssertionError("the engine loaded libc (allocator settings are the CLI's)")
+    real = ctypes.CDLL
 
-    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    class NoSettings:
+        """libc, less mallopt: handing free pages back is allowed, changing the allocator is the CLI's."""
+
+        def __init__(self, *a, **k):
+            self.lib = real(*a, **k)
+
+        def __getattr__(self, name):
+            if name == "mallopt":
+                raise AssertionError("the engine changed an allocator setting (that is the CLI's)")
+            return getattr(self.lib, name)
+
+    monkeypatch.setattr(ctypes, "CDLL", NoSettings)
     threads = torch.get_num_threads()
     inject(_recipe(llava_triple, method="ties", density=0.5), tmp_path / "o", progress=False)
     assert torch.get_num_threads() == threads
@@ -530,3 +540,29 @@ def test_density_and_method_parameters_take_per_layer_schedules(llava_triple, tm
     with pytest.raises(Exception, match="cannot vary per layer"):
         inject(_recipe(t, method="ties", density=0.5, parameters={"sign_from": ["count"]}), tmp_path / "x",
                progress=False)
+
+
+# ------------------------------------------------------------------------------- heap guard
+
+
+def test_heap_guard_releases_only_past_its_limit_and_after_growth(monkeypatch):
+    from skillgraft import memory
+
+    rss = [100]
+    released = []
+    monkeypatch.setattr(memory, "rss_bytes", lambda: rss[0])
+    monkeypatch.setattr(memory, "release_free_memory", lambda: released.append(rss[0]) or True)
+    guard = memory.HeapGuard(limit=1000, slack=50)
+    guard.enabled = True
+    guard()
+    assert released == []  # under the limit
+    rss[0] = 1200
+    guard()
+    assert released == [1200] and guard.after == 1200
+    rss[0] = 1230
+    guard()
+    assert released == [1200]  # over the limit, but not 50 bytes more since the last release
+    rss[0] = 1260
+    guard()
+    assert released == [1200, 1260] and guard.releases == 2
+

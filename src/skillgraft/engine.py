@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import SkillgraftError
 from .io.writer import ShardedWriter, TensorSpec
 from .mapping.plan import Entry, Plan
-from .memory import available_bytes, default_max_memory, rss_bytes
+from .memory import HeapGuard, available_bytes, default_max_memory, rss_bytes
 from .methods import Method, TensorMerge
 from .methods.params import at_layer
 from .methods.sparsify import sample_positions
@@ -40,12 +40,12 @@ from .schedule import effective_weights, lm_layer_index, module_kind, value_at
 from .sources import Feed, FileSource, Inputs, MemorySource, Read, holds_deltas, sample_rows
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNRELATED_DELTA = 0.7  # relative delta norm above which weights look unrelated to the base (skills use it)
 RANDOM_BLOCK = 1 << 22  # entries of a random block of row-local random methods (and the largest work block)
 ALL_ROWS = slice(None)  # a read of an entry held whole
 # outputs this large are written with O_DIRECT: copying them into the page cache cost more CPU than
 # the merge (1B triple, TA: 4.2-4.6 s of system time buffered, 1.7 s direct)
 DIRECT_WRITE_BYTES = 256 * 2**20
+HEAP_GUARD = 0.8  # share of max_memory above which the allocator's free pages are handed back between blocks
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -680,6 +680,13 @@ def run(
     ) as writers, ThreadPoolExecutor(workers, thread_name_prefix="sg-merge") as mergers:
         foreseen: Iterator[Read] = chain.from_iterable(j.requests() for j in jobs)
         feed = Feed(source, plan.entries, foreseen, budget.ahead, readers)
+        guard = HeapGuard(int(HEAP_GUARD * budget.max_memory)) if budget.max_memory else None
+
+        def take(req: Read) -> Inputs:
+            if guard is not None:
+                guard()
+            return feed.take(req)
+
         behind = _Behind(writer, writers, max(2 * budget.block_entries * 4, 64 * 2**20), bar)
         try:
             for job in jobs:
@@ -690,10 +697,10 @@ def run(
                     behind.put(name, block)
 
                 if job.kernel is None:
-                    copy_entry(job, feed.take, write)
+                    copy_entry(job, take, write)
                     norms = Norms(deltas=[0.0] * len(labels)) if e.action == "merge" else None
                 else:
-                    norms = merge_entry(job, feed.take, settings, dev, write,
+                    norms = merge_entry(job, take, settings, dev, write,
                                         lambda role, j, e=e: source.path_of(e, role, j), mergers, workers)
                 if e.action == "merge":
                     info.update(

@@ -38,3 +38,10 @@ def require(module: str, what: str) -> ModuleType:
         if e.name is not None and e.name.split(".")[0] != module.split(".")[0]:
             raise  # the module is there but one of its own dependencies is broken: show that
         raise SkillgraftError(missing_extra_message(module, what) or f"{what} needs {module}") from None
+
+
+def pyplot(what: str) -> ModuleType:
+    """matplotlib's pyplot drawing to files (the Agg backend, no display), or the one-line error naming
+    the extra that installs matplotlib."""
+    require("matplotlib", what).use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

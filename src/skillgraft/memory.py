@@ -73,9 +73,55 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
+        import resource  # deferred: only where /proc is missing
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free pages back to the kernel (glibc ``malloc_trim(0)``), in every arena.
+
+    Row blocks of different sizes, freed by other threads than the ones that allocated them, leave
+    holes inside the heap that stay resident (measured: 1.3 GB free inside a 1.7 GB heap during a
+    TIES merge whose live data was 0.45 GB). This changes no allocator setting. False where glibc
+    is not available.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+class HeapGuard:
+    """Keeps freed-but-resident heap memory from pushing the process past ``limit`` bytes of RSS.
+
+    Called between row blocks: when RSS is over ``limit`` and has grown by ``slack`` since the last
+    release, the free pages go back to the kernel (``release_free_memory``). What is really in use
+    is what the budget planned; only the allocator's holes are released.
+    """
+
+    def __init__(self, limit: int, slack: int = 64 * 2**20):
+        self.limit, self.slack = limit, slack
+        self.after = 0  # RSS after the last release
+        self.releases = 0
+        self.enabled = _libc() is not None
+
+    def __call__(self) -> None:
+        if not self.enabled:
+            return
+        rss = rss_bytes()
+        if rss > self.limit and rss > self.after + self.slack:
+            release_free_memory()
+            self.releases += 1
+            self.after = rss_bytes()
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameter numbers (glibc malloc.h)
@@ -89,9 +135,8 @@ def tune_allocator() -> bool:
     arithmetic on them); one arena for all threads, since the reader thread's buffers are freed by
     the merge thread. Returns False where glibc is not available (nothing is changed).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return False
     libc.mallopt(_M_MMAP_THRESHOLD, HEAP_LIMIT)
     libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_LIMIT)
@@ -107,7 +152,7 @@ def merge_process_policy() -> tuple[int, Callable[[], None]]:
     blocks are merged side by side in threads instead of each op being split across cores (on a
     busy machine OpenMP's barriers make split ops several times slower; measured in BENCHMARKS.md).
     """
-    import torch
+    import torch  # deferred: torch, memory.py is imported by the CLI before any merge
 
     tune_allocator()
     before = torch.get_num_threads()

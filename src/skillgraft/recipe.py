@@ -14,10 +14,27 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SkillgraftError
+from .methods import METHODS
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["inject", "symmetric"]
 MAX_WEIGHT = 100.0  # |scale|, |vlm_weight| and schedule multipliers: far past any useful merge, well short of overflow
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in ``text``; invalid YAML is a one-line error naming ``source``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SkillgraftError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in the file ``path``; a missing file is a one-line error naming ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise SkillgraftError(f"{what} not found: {p}")
+    return parse_yaml(p.read_text(), str(p))
 
 
 def _weight(v: Any, what: str) -> float:
@@ -151,8 +168,6 @@ class Recipe(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from .methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
         return v
@@ -162,10 +177,10 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "recipe") -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SkillgraftError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls._from_document(parse_yaml(text, source), source)
+
+    @classmethod
+    def _from_document(cls, data: Any, source: str) -> "Recipe":
         if not isinstance(data, dict):
             raise SkillgraftError(f"{source}: expected a mapping with keys vlm, base, experts, ...")
         if "merge_method" in data and "experts" not in data:
@@ -188,10 +203,7 @@ class Recipe(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        p = Path(path)
-        if not p.is_file():
-            raise SkillgraftError(f"recipe file not found: {p}")
-        return cls.from_yaml_text(p.read_text(), source=str(p))
+        return cls._from_document(read_yaml(path, "recipe file"), str(Path(path)))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())

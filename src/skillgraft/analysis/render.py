@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import report
+from ..extras import pyplot
 from .inspect import Inspection
 from .stats import PairStats
 
@@ -81,11 +82,7 @@ def write_json(ins: Inspection, path: str | Path) -> Path:
 
 def plot(ins: Inspection, path: str | Path) -> Path:
     """Per-layer curves: delta norms, their ratio, cosine and sign conflicts (or the distance, no base)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("inspect plots")
     layers = ins.per_layer()
     xs = [i for i, _ in layers]
     rows = [s.summary() for _, s in layers]

@@ -1,8 +1,9 @@
 """The command line: a thin layer over the API, one module per command.
 
 Bad input is one `error: ...` line on stderr and exit status 2; an interrupt is exit status 130.
-Each command module has ``register(subparsers)``; its handler imports the API (and torch with it)
-only when the command runs, so ``skillgraft --help`` and ``--version`` stay fast.
+Each command module has ``register(subparsers)`` (``args.add_command``: the module's docstring is the
+command's help and description); its handler imports the API (and torch with it) only when the command
+runs, so ``skillgraft --help`` and ``--version`` stay fast.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +19,7 @@ from ..errors import SkillgraftError
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+Handler = Callable[[argparse.Namespace], int]
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +28,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+_COMMAND_PREFIX = re.compile(r"^``[^`]+``:\s*")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, run: Handler | None = None, doc: str | None = None,
+                **defaults: Any) -> Parser:
+    """The parser of command ``name``, described once by ``doc`` (its module's docstring; by default
+    ``run``'s): the first line, less a leading quoted command and colon, is its help in the list of
+    commands, the rest the description its own ``--help`` opens with. ``run`` handles its arguments."""
+    text = doc if doc is not None else (run.__doc__ if run is not None else None)
+    summary, _, body = (text or "").strip().partition("\n")
+    p = sub.add_parser(name, help=_COMMAND_PREFIX.sub("", summary).rstrip("."), description=body.strip() or None)
+    if run is not None:
+        p.set_defaults(func=run, **defaults)
+    return p
 
 
 def warn(msg: str) -> None:
@@ -70,7 +89,7 @@ def configure_output(verbose: int = 0, quiet: bool = False) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     if "transformers" in sys.modules:  # already imported (the CLI called in-process): tell it directly
-        from transformers.utils import logging as tf_logging
+        from transformers.utils import logging as tf_logging  # deferred: transformers, set only if already loaded
 
         if not bars:
             tf_logging.disable_progress_bar()
@@ -89,7 +108,7 @@ def floats(text: str) -> float | list[float]:
 
 def parse_assignment(text: str, flag: str = "--param") -> tuple[str, Any]:
     """``NAME=VALUE`` with VALUE read as YAML (``0.5`` -> 0.5, ``true`` -> True, ``l1`` -> 'l1')."""
-    import yaml
+    import yaml  # deferred: yaml, keeps --help fast
 
     if "=" not in text:
         raise SkillgraftError(f"{flag} expects NAME=VALUE, got {text!r}")
@@ -130,7 +149,7 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
     ``method`` overrides ``args.method`` (a sweep passes its first method); ``args.scale`` and
     ``args.density`` are read when present.
     """
-    from ..recipe import Recipe
+    from ..recipe import Recipe  # deferred: torch and pydantic, keeps --help fast
 
     method = method if method is not None else getattr(args, "method", None)
     scale, density = getattr(args, "scale", None), getattr(args, "density", None)
@@ -175,21 +194,13 @@ def recipe_from_args(args: argparse.Namespace, *, method: str | None = None):
 
 def _load_recipe_file(path: str, vlm: str | None):
     """A skillgraft recipe, or a mergekit config converted with ``vlm`` as the model merged into."""
-    import yaml
-
-    from ..recipe import Recipe
+    from ..convert.mergekit import convert_mergekit, is_mergekit_config  # deferred: torch, keeps --help fast
+    from ..recipe import Recipe, read_yaml  # deferred: torch and pydantic, keeps --help fast
 
     p = Path(path)
     if vlm is None:
         return Recipe.load(p)
-    if not p.is_file():
-        raise SkillgraftError(f"recipe file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SkillgraftError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    from ..convert.mergekit import convert_mergekit, is_mergekit_config
-
+    data = read_yaml(p, "recipe file")
     if not is_mergekit_config(data):
         raise SkillgraftError(f"{p} is a skillgraft recipe, which names its VLM itself; drop --vlm")
     return convert_mergekit(data, vlm, source=str(p))

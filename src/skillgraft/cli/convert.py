@@ -1,4 +1,9 @@
-"""``skillgraft convert``: write a mergekit config as a skillgraft recipe for a given VLM."""
+"""``skillgraft convert``: turn a mergekit config into a skillgraft recipe.
+
+Convert a mergekit YAML into a skillgraft recipe that merges the same way into VLM (mergekit's defaults kept:
+TIES normalises, DARE rescales to the L1 norm; gradients become per-layer schedules).
+Example: skillgraft convert mergekit.yml --vlm llava-1.5-7b-hf/ -o recipe.yaml
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,21 @@ import argparse
 from pathlib import Path
 
 from ..errors import SkillgraftError
-from .args import add_verbosity
+from .args import add_command, add_verbosity
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="turn a mergekit config into a skillgraft recipe",
-        description="Convert a mergekit YAML into a skillgraft recipe that merges the same way into VLM "
-        "(mergekit's defaults kept: TIES normalises, DARE rescales to the L1 norm; gradients become per-layer "
-        "schedules). Example: skillgraft convert mergekit.yml --vlm llava-1.5-7b-hf/ -o recipe.yaml",
-    )
+    p = add_command(sub, "convert", run, __doc__)
     p.add_argument("config", help="mergekit YAML config")
     p.add_argument("--vlm", required=True, help="the VLM to merge into (directory or hub id); when it is one of "
                    "the config's models it takes that model's place")
     p.add_argument("-o", "--out", help="recipe file to write (default: print it)")
     p.add_argument("--force", action="store_true", help="replace an existing recipe file")
     add_verbosity(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert.mergekit import convert_mergekit
+    from ..convert.mergekit import convert_mergekit  # deferred: torch, keeps --help fast
 
     recipe = convert_mergekit(args.config, args.vlm)
     if not args.out:

@@ -1,4 +1,4 @@
-"""``skillgraft eval``: score a checkpoint on the micro-world benchmark."""
+"""``skillgraft eval``: evaluate a checkpoint on the micro-world benchmark."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from ..errors import SkillgraftError
-from .args import add_verbosity, show_progress
+from .args import add_command, add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the micro-world benchmark")
+    e = add_command(sub, "eval", run, __doc__)
     e.add_argument("model", help="checkpoint directory or hub id (a VLM, or an LLM for text-only questions)")
     e.add_argument("--suite", default="microworld", choices=["microworld"])
     e.add_argument("--scenarios", help="comma-separated subset of general,cross_lingual,instruction,math")
@@ -19,14 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="write the scores to this JSON file")
     add_verbosity(e)
-    e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    # torch and transformers: imported when the command runs
-    from ..api import check_device
-    from ..io.reader import CheckpointReader
-    from ..evaluate.microworld import SCENARIOS, evaluate, format_table
+    from ..api import check_device  # deferred: torch, keeps --help fast
+    from ..evaluate.microworld import SCENARIOS, evaluate, format_table  # deferred: torch, keeps --help fast
+    from ..io.reader import CheckpointReader  # deferred: torch, keeps --help fast
+    from ..io.resolve import display_name, resolve_checkpoint  # deferred: torch, keeps --help fast
 
     scenarios = None
     if args.scenarios:
@@ -37,8 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise SkillgraftError("--limit must be at least 1")
     check_device(args.device)
-    from ..io.resolve import display_name, resolve_checkpoint
-
     model = resolve_checkpoint(args.model, "model")
     with CheckpointReader(model):  # headers, index paths and pickles checked before transformers loads it
         pass

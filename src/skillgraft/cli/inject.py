@@ -1,4 +1,8 @@
-"""``skillgraft inject``: merge an expert LLM's skill into a VLM and write a new checkpoint."""
+"""``skillgraft inject``: merge an expert LLM's skill into a VLM.
+
+Merge the language-model part of VLM with EXPERT relative to BASE; copy everything else.
+Example: skillgraft inject vlm/ expert/ --base base/ --method ta --scale 0.8 -o merged/
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,12 @@ import argparse
 
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..errors import SkillgraftError
-from .args import add_recipe_args, add_verbosity, floats, recipe_from_args, show_progress, warn
+from ..memory import parse_size
+from .args import add_command, add_recipe_args, add_verbosity, floats, recipe_from_args, show_progress, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inject",
-        help="merge an expert LLM's skill into a VLM",
-        description="Merge the language-model part of VLM with EXPERT relative to BASE; copy everything else. "
-        "Example: skillgraft inject vlm/ expert/ --base base/ --method ta --scale 0.8 -o merged/",
-    )
+    p = add_command(sub, "inject", run, __doc__, merges=True)
     add_recipe_args(p, vlm_help="VLM checkpoint directory or hub id (an LLM also works)",
                     expert_help="expert LLM checkpoint directory or hub id, a skill directory "
                     "(skillgraft skill extract) or a PEFT LoRA adapter directory")
@@ -40,14 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-lineage", action="store_true",
                    help="merge a skill even if its base fingerprint does not match the VLM's language model")
     add_verbosity(p)
-    p.set_defaults(func=run, merges=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    # the API (and torch with it) is imported when the command runs, so `--help` stays fast
-    from ..api import inject, memory_notes, plan_only
-    from ..memory import parse_size
-    from ..report import plan_table
+    from ..api import inject, memory_notes, plan_only  # deferred: torch, keeps --help fast
+    from ..io.push import check_pushable, push_to_hub  # deferred: torch, keeps --help fast
+    from ..report import plan_table  # deferred: torch, keeps --help fast
 
     recipe = recipe_from_args(args)
     protect = [args.recipe] if args.recipe else []
@@ -66,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise SkillgraftError("give an output directory with -o OUT")
     if args.push_to_hub:
-        from ..io.push import check_pushable
-
         check_pushable(args.push_to_hub)  # before the merge, not after an hour of it
     result = inject(
         recipe,
@@ -88,7 +84,5 @@ def run(args: argparse.Namespace) -> int:
         f"{c['copied']} copied, {result.report['seconds']:.1f} s"
     )
     if args.push_to_hub:
-        from ..io.push import push_to_hub
-
         print(f"pushed to {args.push_to_hub}: {push_to_hub(result.out_dir, args.push_to_hub, private=args.private)}")
     return 0

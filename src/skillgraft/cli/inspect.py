@@ -1,22 +1,21 @@
-"""``skillgraft inspect``: data-free diagnostics of a VLM/expert pair, before any merge."""
+"""``skillgraft inspect``: data-free diagnostics of a VLM/expert pair (task vectors per layer, lineage, tokenizer).
+
+Stream the language-model tensors of VLM, EXPERT and BASE once and report, per decoder layer and module kind, the
+norms of the VLM's and the expert's task vectors, their ratio and cosine, their sign-conflict rate, relative delta
+norms, sampled effective ranks, lineage and tokenizer checks. Writes no checkpoint.
+Example: skillgraft inspect vlm/ expert/ --base base/ --json pair.json --plot pair.png
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from ..extras import require
-from .args import add_verbosity, show_progress
+from .args import add_command, add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="data-free diagnostics of a VLM/expert pair (task vectors per layer, lineage, tokenizer)",
-        description="Stream the language-model tensors of VLM, EXPERT and BASE once and report, per decoder "
-        "layer and module kind, the norms of the VLM's and the expert's task vectors, their ratio and cosine, "
-        "their sign-conflict rate, relative delta norms, sampled effective ranks, lineage and tokenizer checks. "
-        "Writes no checkpoint. Example: skillgraft inspect vlm/ expert/ --base base/ --json pair.json --plot pair.png",
-    )
+    p = add_command(sub, "inspect", run, __doc__)
     p.add_argument("vlm", help="VLM checkpoint directory or hub id")
     p.add_argument("expert", help="expert LLM checkpoint directory or hub id")
     p.add_argument("--base", help="base LLM both derive from (without it: the expert's distance from the VLM)")
@@ -27,13 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-samples", type=int, default=8, help="matrices whose effective rank is computed (default 8)")
     p.add_argument("--allow-unmatched", action="store_true", help="skip VLM LM tensors without an expert counterpart")
     add_verbosity(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         require("matplotlib", "--plot")
-    from ..api import inspect, inspect_json, inspect_plot, inspect_table
+    from ..api import inspect, inspect_json, inspect_plot, inspect_table  # deferred: torch, keeps --help fast
 
     ins = inspect(args.vlm, args.expert, args.base, threshold=args.threshold, rank_samples=args.rank_samples,
                   progress=show_progress(args), allow_unmatched=args.allow_unmatched)

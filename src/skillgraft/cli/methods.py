@@ -1,17 +1,18 @@
-"""``skillgraft methods``: the merge methods, their parameters and papers."""
+"""``skillgraft methods``: list merge methods and their parameters."""
 
 from __future__ import annotations
 
 import argparse
 
+from .args import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list merge methods and their parameters")
-    p.set_defaults(func=run)
+    add_command(sub, "methods", run, __doc__)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..methods import METHODS  # torch: imported when the command runs
+    from ..methods import METHODS  # deferred: torch, keeps --help fast
 
     for m in METHODS.values():
         flags = ", ".join(f for f, on in (("random", m.stochastic), ("density", m.uses_density),

@@ -1,4 +1,9 @@
-"""``skillgraft skill``: extract a skill vector, describe skills, export one as a PEFT LoRA adapter."""
+"""``skillgraft skill``: skill vectors: extract one from an expert, describe skills, export one as a LoRA adapter.
+
+A skill is an expert's task vector (expert minus base) stored on its own, small, with a fingerprint of its base.
+A skill directory or a PEFT LoRA adapter directory can be given wherever an EXPERT is (inject, sweep, recipes),
+without --base for task-vector methods.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,15 @@ import argparse
 import json
 
 from ..defaults import DEFAULT_SHARD_SIZE
-from .args import DTYPE_CHOICES, Parser, add_verbosity, show_progress
+from .args import DTYPE_CHOICES, Parser, add_command, add_verbosity, show_progress
 
 FORMAT_CHOICES = ("full", "lowrank", "bitdelta", "sparse")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "skill",
-        help="skill vectors: extract one from an expert, describe skills, export one as a LoRA adapter",
-        description="A skill is an expert's task vector (expert minus base) stored on its own, small, with a "
-        "fingerprint of its base. A skill directory or a PEFT LoRA adapter directory can be given wherever an "
-        "EXPERT is (inject, sweep, recipes), without --base for task-vector methods.",
-    )
-    ssub = s.add_subparsers(dest="skill_cmd", required=True, parser_class=Parser)
+    ssub = add_command(sub, "skill", doc=__doc__).add_subparsers(dest="skill_cmd", required=True, parser_class=Parser)
 
-    e = ssub.add_parser(
-        "extract", help="store EXPERT - BASE as a skill directory",
-        description="Stream the expert and its base one tensor at a time and write SKILL: skill.safetensors "
-        "(plain causal-LM names), skill.json (sources, settings, per-tensor norms and errors, base fingerprint) and "
-        "a README.md card. Example: skillgraft skill extract expert/ --base base/ --format lowrank --rank 64 -o skill/",
-    )
+    e = add_command(ssub, "extract", run_extract)
     e.add_argument("expert", help="expert LLM checkpoint directory or hub id")
     e.add_argument("--base", required=True, help="the base LLM the expert was fine-tuned from")
     e.add_argument("-o", "--out", required=True, help="skill directory to write (atomically)")
@@ -42,25 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"max bytes per file (default {DEFAULT_SHARD_SIZE})")
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     add_verbosity(e)
-    e.set_defaults(func=run_extract)
 
-    i = ssub.add_parser("info", help="describe a skill or LoRA adapter directory")
+    i = add_command(ssub, "info", run_info)
     i.add_argument("skill", help="skill or PEFT LoRA adapter directory")
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(func=run_info)
 
-    li = ssub.add_parser("list", help="list the skills and LoRA adapters in a folder (a skill library)")
+    li = add_command(ssub, "list", run_list)
     li.add_argument("dir", help="folder holding skill / adapter directories")
     li.add_argument("--json", action="store_true", help="print JSON")
-    li.set_defaults(func=run_list)
 
-    x = ssub.add_parser(
-        "export-lora", help="write a skill as a PEFT LoRA adapter on a VLM's own modules",
-        description="Write a PEFT LoRA adapter whose targets are the VLM's language-model modules, with the scale "
-        "folded in: PeftModel.from_pretrained(vlm_model, ADAPTER) then computes what `skillgraft inject VLM SKILL "
-        "--scale S` writes, without a merged checkpoint. Example: skillgraft skill export-lora skill/ --vlm vlm/ "
-        "--scale 0.8 -o adapter/",
-    )
+    x = add_command(ssub, "export-lora", run_export)
     x.add_argument("skill", help="skill directory (or a PEFT LoRA adapter of the VLM's base LLM)")
     x.add_argument("--vlm", required=True, help="the VLM the adapter is for (directory or hub id)")
     x.add_argument("-o", "--out", required=True, help="adapter directory to write (atomically)")
@@ -71,12 +55,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "does not match the VLM's language model")
     x.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     add_verbosity(x)
-    x.set_defaults(func=run_export)
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from ..api import SkillSettings, extract_skill
-    from ..skills.info import format_info, skill_info
+    """store EXPERT - BASE as a skill directory
+
+    Stream the expert and its base one tensor at a time and write SKILL: skill.safetensors (plain causal-LM names),
+    skill.json (sources, settings, per-tensor norms and errors, base fingerprint) and a README.md card.
+    Example: skillgraft skill extract expert/ --base base/ --format lowrank --rank 64 -o skill/
+    """
+    from ..api import SkillSettings, extract_skill  # deferred: torch, keeps --help fast
+    from ..skills.info import format_info, skill_info  # deferred: torch, keeps --help fast
 
     settings = SkillSettings(format=args.format, rank=args.rank, energy=args.energy, density=args.density,
                              dtype=args.dtype)
@@ -87,8 +76,9 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..api import skill_info
-    from ..skills.info import format_info
+    """describe a skill or LoRA adapter directory"""
+    from ..api import skill_info  # deferred: torch, keeps --help fast
+    from ..skills.info import format_info  # deferred: torch, keeps --help fast
 
     info = skill_info(args.skill)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
@@ -96,8 +86,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..api import list_skills
-    from ..skills.info import format_list
+    """list the skills and LoRA adapters in a folder (a skill library)"""
+    from ..api import list_skills  # deferred: torch, keeps --help fast
+    from ..skills.info import format_list  # deferred: torch, keeps --help fast
 
     items = list_skills(args.dir)
     if args.json:
@@ -110,7 +101,13 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..api import export_lora
+    """write a skill as a PEFT LoRA adapter on a VLM's own modules
+
+    Write a PEFT LoRA adapter whose targets are the VLM's language-model modules, with the scale folded in:
+    PeftModel.from_pretrained(vlm_model, ADAPTER) then computes what `skillgraft inject VLM SKILL --scale S` writes,
+    without a merged checkpoint. Example: skillgraft skill export-lora skill/ --vlm vlm/ --scale 0.8 -o adapter/
+    """
+    from ..api import export_lora  # deferred: torch, keeps --help fast
 
     result = export_lora(args.skill, args.vlm, args.out, scale=args.scale, rank=args.rank, energy=args.energy,
                          force=args.force, ignore_lineage=args.ignore_lineage)

@@ -1,4 +1,9 @@
-"""``skillgraft sweep``: score many merges of a VLM/expert pair and find the Goldilocks zone."""
+"""``skillgraft sweep``: search merge hyperparameters (scale, density, method) for a VLM/expert pair.
+
+Score many merges of EXPERT into VLM and find the Goldilocks zone. Example: skillgraft sweep VLM EXPERT --base BASE
+--vary scale=0:1.5:0.1 --vary density=0.1,0.3,0.5,1.0 --method ta,dare,ties --eval microworld -o SWEEP.
+Rerunning the same command on SWEEP resumes it.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
-from .args import EXIT_INTERRUPTED, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
+from ..microworld.scenarios import scenarios_taught
+from .args import EXIT_INTERRUPTED, add_command, add_recipe_args, add_verbosity, parse_assignment, recipe_from_args
 
 EVALUATORS = ("microworld", "jsonl", "command", "python")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="search merge hyperparameters (scale, density, method) for a VLM/expert pair",
-        description="Score many merges of EXPERT into VLM and find the Goldilocks zone. Example: "
-        "skillgraft sweep VLM EXPERT --base BASE --vary scale=0:1.5:0.1 --vary density=0.1,0.3,0.5,1.0 "
-        "--method ta,dare,ties --eval microworld -o SWEEP. Rerunning the same command on SWEEP resumes it.",
-    )
+    p = add_command(sub, "sweep", run, __doc__)
     add_recipe_args(p, vlm_help="VLM checkpoint directory", expert_help="expert LLM checkpoint directory")
     p.add_argument("--method", default="ta", help="comma-separated methods to compare (default ta)")
     p.add_argument("--vary", action="append", default=[], metavar="NAME=SPEC",
@@ -70,12 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     p.add_argument("-o", "--out", required=True, help="sweep directory (created; resumed when it holds a sweep)")
     add_verbosity(p)
-    p.set_defaults(func=run)
 
 
 def _evaluator_spec(args: argparse.Namespace) -> dict[str, Any]:
-    from ..api import check_device
-    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator
+    from ..api import check_device  # deferred: torch, keeps --help fast
+    from ..evaluate import CommandEvaluator, JsonlEvaluator, MicroworldEvaluator  # deferred: torch, keeps --help fast
 
     check_device(args.device)
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
@@ -118,12 +117,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def build_config(args: argparse.Namespace):
     """The sweep's configuration from its command-line arguments (checked before anything runs)."""
-    from ..evaluate import make_evaluator
-    from ..methods import METHODS
-    from ..microworld.scenarios import scenarios_taught
-    from ..sweep.objective import Objective
-    from ..sweep.runner import SweepConfig
-    from ..sweep.space import build_space
+    from ..evaluate import make_evaluator  # deferred: torch, keeps --help fast
+    from ..methods import METHODS  # deferred: torch, keeps --help fast
+    from ..sweep.objective import Objective  # deferred: dataclasses, keeps --help fast
+    from ..sweep.runner import SweepConfig  # deferred: torch, keeps --help fast
+    from ..sweep.space import build_space  # deferred: torch, keeps --help fast
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
@@ -162,9 +160,9 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sweep.analysis import load_results
-    from ..sweep.report import REPORT, summary_lines
-    from ..sweep.runner import run_sweep
+    from ..sweep.analysis import load_results  # deferred: torch, keeps --help fast
+    from ..sweep.report import REPORT, summary_lines  # deferred: torch, keeps --help fast
+    from ..sweep.runner import run_sweep  # deferred: torch, keeps --help fast
 
     cfg = build_config(args)
     try:

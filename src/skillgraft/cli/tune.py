@@ -1,4 +1,10 @@
-"""``skillgraft tune``: choose the merge scale from unlabelled prompts, then inject."""
+"""``skillgraft tune``: choose the scale from unlabelled prompts (no answers needed), then inject.
+
+Find the merge scale without labels: candidates are applied in place to the VLM and scored on your image prompts
+(how many of the VLM's own answers survive) and text prompts in the skill's domain (how close the answers come to
+the expert's); the pick is written like `skillgraft inject`, with skillgraft_tune.json and skillgraft_tune.md.
+Example: skillgraft tune vlm/ expert/ --base base/ --image-prompts images.jsonl --text-prompts skill.txt -o tuned/
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import argparse
 
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..extras import require
-from .args import add_recipe_args, add_verbosity, recipe_from_args, show_progress, warn
+from .args import add_command, add_recipe_args, add_verbosity, recipe_from_args, show_progress, warn
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -18,15 +24,7 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tune",
-        help="choose the scale from unlabelled prompts (no answers needed), then inject",
-        description="Find the merge scale without labels: candidates are applied in place to the VLM and scored "
-        "on your image prompts (how many of the VLM's own answers survive) and text prompts in the skill's domain "
-        "(how close the answers come to the expert's); the pick is written like `skillgraft inject`, with "
-        "skillgraft_tune.json and skillgraft_tune.md. Example: skillgraft tune vlm/ expert/ --base base/ "
-        "--image-prompts images.jsonl --text-prompts skill.txt -o tuned/",
-    )
+    p = add_command(sub, "tune", run, __doc__)
     add_recipe_args(p, vlm_help="VLM checkpoint directory", expert_help="expert LLM checkpoint directory")
     p.add_argument("--method", help="merge method (default ta)")
     p.add_argument("--density", type=float, help="fraction kept by dare/ties (default 1.0)")
@@ -52,13 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace OUT if it is a previous skillgraft output (never a directory of other files or an input)")
     p.add_argument("--plot", action="store_true", help="also draw the curve as skillgraft_tune.png (needs matplotlib)")
     add_verbosity(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         require("matplotlib", "--plot")
-    from ..api import TuneSettings, tune
+    from ..api import TuneSettings, tune  # deferred: torch, keeps --help fast
 
     recipe = recipe_from_args(args)
     settings = TuneSettings(scale_range=args.range, budget=args.budget, per_layer=args.per_layer, groups=args.groups,

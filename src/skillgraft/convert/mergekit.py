@@ -21,10 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SkillgraftError
-from ..recipe import Recipe
+from ..methods import METHODS
+from ..recipe import Recipe, read_yaml
 
 # mergekit method -> (skillgraft method, mergekit's defaults for the shared parameters)
 METHOD_MAP: dict[str, tuple[str, dict[str, Any]]] = {
@@ -65,15 +64,9 @@ def is_mergekit_config(data: Any) -> bool:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SkillgraftError(f"mergekit config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SkillgraftError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "mergekit config")
     if not is_mergekit_config(data):
-        raise SkillgraftError(f"{p}: not a mergekit config (no merge_method)")
+        raise SkillgraftError(f"{Path(path)}: not a mergekit config (no merge_method)")
     return data
 
 
@@ -173,8 +166,9 @@ def convert_mergekit(config: dict[str, Any] | str | Path, vlm: str, *, source: s
         return _slerp(recipe, config, entries, vlm, base, same, fail, where)
     if mine:
         _ref_, w, d = mine[0]
-        if isinstance(w, list):
-            raise fail("the VLM's own weight cannot be a gradient; give it a number")
+        if isinstance(w, list) or isinstance(d, list):
+            what = "weight" if isinstance(w, list) else "density"
+            raise fail(f"the VLM's own {what} cannot be a gradient; give it a number")
         recipe["vlm_weight"] = w
         recipe["vlm_density"] = d
         recipe["mode"] = "inject" if kind_interp else "symmetric"
@@ -223,8 +217,6 @@ def _check_tokenizer(config: dict[str, Any], vlm: str, base: str | None, same: A
 
 
 def _has_param(method: str, name: str) -> bool:
-    from ..methods import METHODS
-
     return any(p.name == name for p in METHODS[method].params)
 
 
@@ -269,13 +261,9 @@ def _gradient(v: Any, where: str, fail: Any) -> float | list[float]:
     return _scalar(v, where, fail)
 
 
-def _density(v: Any, where: str, fail: Any) -> float:
-    if isinstance(v, list) and len(v) > 1 and not any(isinstance(x, dict) for x in v):
-        raise fail(f"{where}: density gradients are not supported yet (per-layer density schedules); "
-                   "give one density")
+def _density(v: Any, where: str, fail: Any) -> float | list[float]:
+    """A density in (0, 1], or a gradient of them: a per-layer density schedule, interpolated like a weight's."""
     d = _gradient(v, where, fail)
-    if isinstance(d, list):
-        raise fail(f"{where}: give one density")
-    if not 0 < d <= 1:
+    if not all(0 < x <= 1 for x in (d if isinstance(d, list) else [d])):
         raise fail(f"{where}: density must lie in (0, 1]")
     return d

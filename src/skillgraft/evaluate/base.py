@@ -15,6 +15,7 @@ evaluator such as lmms-eval or VLMEvalKit, run on a merged checkpoint).
 
 from __future__ import annotations
 
+import importlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -62,7 +63,7 @@ class Evaluator(ABC):
 
 def model_class(config: dict[str, Any]):
     """The transformers class named in ``config['architectures']`` (never remote code)."""
-    import transformers
+    import transformers  # deferred: transformers, not loaded by a merge
 
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None)
@@ -91,7 +92,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
 
 def load_processor(model_dir: str | Path) -> Any:
     """The checkpoint's processor, else its tokenizer (a text-only model), else None."""
-    import transformers
+    import transformers  # deferred: transformers, not loaded by a merge
 
     for cls in (transformers.AutoProcessor, transformers.AutoTokenizer):
         try:
@@ -111,8 +112,6 @@ class PythonEvaluator(Evaluator):
     kind = "python"
 
     def __init__(self, target: str, options: dict[str, Any] | None = None):
-        import importlib
-
         self.target = target
         self.options = dict(options or {})
         mod, _, attr = target.partition(":")
@@ -164,7 +163,7 @@ class MicroworldEvaluator(Evaluator):
 
     def __init__(self, scenarios: list[str] | None = None, limit: int | None = None, device: str = "cpu",
                  batch_size: int = 64):
-        from . import microworld as mw
+        from . import microworld as mw  # deferred: PIL (an optional extra) and torch
 
         self.mw = mw
         if scenarios:

@@ -33,6 +33,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import SkillgraftError
 from .base import Evaluator, load_model
 
@@ -217,8 +219,7 @@ class JsonlEvaluator(Evaluator):
         return text.replace("{image}", image_token if has_image else "").strip()
 
     def predict(self, model: Any, processor: Any) -> list[str]:
-        import torch
-        from PIL import Image
+        from PIL import Image  # deferred: PIL, an optional extra
 
         if processor is None:
             raise SkillgraftError("the model has no processor or tokenizer files; the jsonl evaluator needs one")

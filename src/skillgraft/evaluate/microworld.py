@@ -20,6 +20,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+from tqdm.auto import tqdm
+
 from ..errors import SkillgraftError
 from ..microworld import world as W
 from ..torch_state import torch_settings
@@ -70,22 +73,20 @@ def is_vlm_config(config: Any) -> bool:
 
 def load(model: str | Path, device: str = "cpu"):
     """Load a checkpoint and its processor (VLM) or tokenizer (LLM)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+    import transformers  # deferred: transformers, the benchmark items are drawn without it
 
     path = Path(model)
     if not (path / "config.json").is_file():
         raise SkillgraftError(f"not a checkpoint directory (no config.json): {path}")
-    config = AutoConfig.from_pretrained(str(path))
+    config = transformers.AutoConfig.from_pretrained(str(path))
     if is_vlm_config(config):
-        from transformers import LlavaForConditionalGeneration, AutoModelForImageTextToText
-
-        cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForImageTextToText
+        cls = (transformers.LlavaForConditionalGeneration if config.model_type == "llava"
+               else transformers.AutoModelForImageTextToText)
         m = cls.from_pretrained(str(path), dtype=torch.float32)
-        proc = AutoProcessor.from_pretrained(str(path))
+        proc = transformers.AutoProcessor.from_pretrained(str(path))
     else:
-        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        proc = AutoTokenizer.from_pretrained(str(path))
+        m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        proc = transformers.AutoTokenizer.from_pretrained(str(path))
     m.to(device).eval()
     return m, proc
 
@@ -101,8 +102,6 @@ def predict(model, processor, items: list[W.Item], *, batch_size: int = 256, dev
             text_scene: str | None = None, max_new_tokens: int = 6, progress_bar=None) -> list[str]:
     """Greedy answers for `items`. VLM: image + question. LLM: the question alone, or with the
     scene written as text when `text_scene` is "en"/"fr" (diagnostics)."""
-    import torch
-
     tok = _tokenizer_of(processor)
     tok.padding_side = "left"
     vlm = is_vlm_config(model.config)
@@ -129,8 +128,6 @@ def evaluate_loaded(model, processor, *, scenarios: Iterable[str] | None = None,
                     device: str = "cpu", batch_size: int = 256, progress: bool = True,
                     text_scene: str | None = None, details: dict | None = None) -> dict[str, float]:
     """Accuracy per scenario of an already-loaded model (weights may have been changed in place)."""
-    from tqdm.auto import tqdm
-
     scenarios = tuple(scenarios or SCENARIOS)
     sets = {sc: list(benchmark_items(sc))[: limit or None] for sc in scenarios}
     everything = [it for items in sets.values() for it in items]  # one stream: fewer, fuller batches
@@ -155,8 +152,6 @@ def evaluate(model: str | Path, *, scenarios: Iterable[str] | None = None, limit
              device: str = "cpu", batch_size: int = 256, progress: bool = True,
              text_scene: str | None = None) -> dict[str, float]:
     """Accuracy in [0, 1] per scenario of a checkpoint directory (VLM or text-only LLM)."""
-    import torch
-
     if scenarios is not None:
         bad = [s for s in scenarios if s not in SCENARIOS]
         if bad:

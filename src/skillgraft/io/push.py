@@ -23,7 +23,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
     Credentials are huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``).
     """
     check_pushable(repo_id)
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # deferred: huggingface_hub, needed only to push
 
     api = HfApi()
     try:

@@ -64,7 +64,7 @@ def hub_offline() -> bool:
     if env.strip().lower() in _TRUE:
         return True
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # deferred: huggingface_hub, needed only for hub ids
     except ImportError:
         return False
     return bool(constants.HF_HUB_OFFLINE)
@@ -88,7 +88,7 @@ def resolve(ref: str, role: str = "checkpoint") -> Resolved:
     repo_id, revision = hub
     offline = hub_offline()
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: huggingface_hub, needed only for hub ids
 
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES,
                                       cache_dir=_cache_dir(), local_files_only=offline))

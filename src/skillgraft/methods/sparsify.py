@@ -33,6 +33,7 @@ import torch
 from .kernels import mul_mask_
 from .params import ParamSpec
 from .reduce import NormMatch
+from .streams import BlockStreams
 from .topk import SAMPLE, TopK, keep_count
 
 Tensor = torch.Tensor
@@ -308,8 +309,6 @@ def sample_of(x: Tensor) -> Tensor:
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator | None, sampler: str = "uniform") -> Tensor:
     """Bernoulli(density) keep-mask of one task vector drawn from ``generator`` as DARE draws it."""
-    from .streams import BlockStreams
-
     gen = generator if generator is not None else torch.default_generator
     kind = DARE.draws({"sampler": sampler})
     return BlockStreams(gen, delta.numel(), 1, kind).keep(0, tuple(delta.shape), density, delta.device)

@@ -29,17 +29,24 @@ on BASE_THREADS threads, every other model on one).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import json
 import math
+import multiprocessing as mp
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
 from . import world as W
 from ..torch_state import torch_settings
@@ -90,8 +97,6 @@ QUICK = Settings(hidden=32, intermediate=64, layers=2, heads=2, v_hidden=16, v_i
 
 
 def lm_config(tok, s: Settings):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=s.hidden,
@@ -109,8 +114,6 @@ def lm_config(tok, s: Settings):
 
 
 def vlm_config(tok, s: Settings):
-    from transformers import CLIPVisionConfig, LlavaConfig
-
     vision = CLIPVisionConfig(
         hidden_size=s.v_hidden,
         intermediate_size=s.v_intermediate,
@@ -140,8 +143,6 @@ IMAGE_STD = [0.5, 0.5, 0.5]
 
 
 def make_processor(tok, s: Settings):
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
     ip = CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": W.IMAGE_SIZE},
@@ -179,8 +180,6 @@ def pixels(images) -> torch.Tensor:
 
 
 def generation_config(tok):
-    from transformers import GenerationConfig
-
     return GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -322,8 +321,6 @@ def train(
     device: str = "cpu",
 ) -> float:
     """AdamW with warmup + cosine decay, fixed data order; returns the final mean loss."""
-    from tqdm.auto import tqdm
-
     opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=0.0, betas=(0.9, 0.98))
     base_lrs = [lr for _, lr in groups]
     g = torch.Generator().manual_seed(seed)
@@ -402,15 +399,11 @@ def _n_data(s: Settings, steps: int) -> int:
 
 
 def _load_base_state(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(out / "base" / "model.safetensors"))
 
 
 @_isolated
 def _train_base(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
-    from transformers import LlamaForCausalLM
-
     t0 = time.perf_counter()
     tok = build_tokenizer()
     _seed_all(seed)
@@ -425,8 +418,6 @@ def _train_base(out: Path, seed: int, s: Settings, progress: bool, device: str, 
 @_isolated
 def _train_expert(out: Path, name: str, seed: int, s: Settings, progress: bool, device: str,
                   threads: int) -> tuple[float, float]:
-    from transformers import LlamaForCausalLM
-
     t0 = time.perf_counter()
     tok = build_tokenizer()
     k = EXPERT_NAMES.index(name)
@@ -459,8 +450,6 @@ LORA_EXPERT = "expert-multilingual-lora"
 
 
 def _has_peft() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("peft") is not None
 
 
@@ -468,8 +457,7 @@ def _has_peft() -> bool:
 def _train_lora_expert(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int,
                        lo: LoraSettings = LORA) -> tuple[float, float]:
     """A LoRA version of ``lo.of``: same corpus recipe, seeded on its own (seed + 30)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from peft import LoraConfig, get_peft_model  # deferred: peft, an optional (test) dependency
 
     t0 = time.perf_counter()
     tok = build_tokenizer()
@@ -507,8 +495,6 @@ def pretrain_vision(tower, rng: random.Random, s: Settings, seed: int, progress:
     A stand-in for CLIP pre-training: a real VLM starts from a vision encoder that already
     represents what is in a picture. The linear probe used here is thrown away afterwards.
     """
-    from tqdm.auto import tqdm
-
     n_patches = (W.IMAGE_SIZE // s.patch) ** 2
     if n_patches != 4:
         raise ValueError("stage 0 expects one patch per cell (patch = IMAGE_SIZE / 2)")
@@ -533,8 +519,6 @@ def pretrain_vision(tower, rng: random.Random, s: Settings, seed: int, progress:
 
 @_isolated
 def _train_vlm(out: Path, seed: int, s: Settings, progress: bool, device: str, threads: int) -> tuple[float, float]:
-    from transformers import LlavaForConditionalGeneration
-
     t0 = time.perf_counter()
     tok = build_tokenizer()
     pad = tok.pad_token_id
@@ -630,9 +614,6 @@ def build_zoo(
         return _train_expert, (out, name, seed, s, False if jobs > 1 else progress, device, 1)
 
     if jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         say(f"training {', '.join(todo)} in {min(jobs, len(todo))} processes ...")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(fn, *args): name for name in todo for fn, args in [job(name)]}

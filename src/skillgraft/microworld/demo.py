@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..evaluate import MicroworldEvaluator
+from ..extras import pyplot
 from ..evaluate import microworld as E
 from ..pipeline import inject
 from ..recipe import ExpertSpec, Recipe
@@ -107,11 +108,7 @@ def run_demo(out_dir: Path = Path("demo"), *, progress: bool = True, limit: int 
 
 
 def _plot(curve: dict[str, list[float]], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the demo")
     fig, ax = plt.subplots(figsize=(6, 4))
     for sc, ys in curve.items():
         ax.plot(PLOT_SCALES, [100 * y for y in ys], marker="o", label=sc)

@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 from ..errors import SkillgraftError
+from ..evaluate.microworld import SCENARIOS, benchmark_items
 from . import world as W
 from .scenarios import EXPERT_NAMES, EXPERT_SCENARIO
 
@@ -42,8 +43,6 @@ def item_key(item: W.Item) -> tuple:
 
 def benchmark_keys() -> set[tuple]:
     """The keys of every item of every benchmark test set."""
-    from ..evaluate.microworld import SCENARIOS, benchmark_items
-
     return {item_key(it) for sc in SCENARIOS for it in benchmark_items(sc)}
 
 

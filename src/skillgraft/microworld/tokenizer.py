@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 from .world import IMAGE_TOKEN, all_words
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -12,9 +15,6 @@ SPECIALS = (PAD, UNK, BOS, EOS, IMAGE_TOKEN)
 
 def build_tokenizer():
     """A `PreTrainedTokenizerFast`: whitespace split, one id per word, `<s>` prepended, left padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for w in all_words():
         vocab.setdefault(w, len(vocab))

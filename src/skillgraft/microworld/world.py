@@ -146,21 +146,26 @@ def count_color(scene: Scene, color: str) -> int:
 # --------------------------------------------------------------------------- questions
 
 
+def _pick_unique(scene: Scene, rng: random.Random, key: int) -> tuple[str, str] | None:
+    """A random cell whose colour (``key`` 0) or shape (``key`` 1) no other cell has; None if there is none."""
+    values = [c[key] for c in scene if c is not None]
+    unique = [c for c in scene if c is not None and values.count(c[key]) == 1]
+    return rng.choice(unique) if unique else None
+
+
 def _q_color_of(scene: Scene, rng: random.Random) -> tuple[str, str, str, str] | None:
     """Colour of the only shape of a kind ("what color is the circle ?")."""
-    unique = [c for c in scene if c is not None and count_shape(scene, c[1]) == 1]
-    if not unique:
+    if (cell := _pick_unique(scene, rng, 1)) is None:
         return None
-    color, shape = rng.choice(unique)
+    color, shape = cell
     return (f"what color is the {shape} ?", color, f"quelle couleur a le {FR[shape]} ?", FR[color])
 
 
 def _q_shape_of(scene: Scene, rng: random.Random) -> tuple[str, str, str, str] | None:
     """Shape of the only thing of a colour ("what shape is red ?")."""
-    unique = [c for c in scene if c is not None and count_color(scene, c[0]) == 1]
-    if not unique:
+    if (cell := _pick_unique(scene, rng, 0)) is None:
         return None
-    color, shape = rng.choice(unique)
+    color, shape = cell
     return (f"what shape is {color} ?", shape, f"quelle forme est {FR[color]} ?", FR[shape])
 
 

@@ -16,7 +16,9 @@ import torch
 
 from ..io.reader import CheckpointReader
 from ..mapping.layout import detect_layout
+from .lora import LoraReader
 from .naming import SKILL_JSON, plain_name
+from .reader import SkillReader
 
 ExpertKind = Literal["checkpoint", "skill", "lora"]
 
@@ -40,9 +42,6 @@ def open_expert(path: str | Path, base: CheckpointReader | None = None) -> Any:
 
     ``base`` is used by LoRA adapters that save whole modules (their delta is taken against it).
     """
-    from .lora import LoraReader
-    from .reader import SkillReader
-
     kind = expert_kind(path)
     if kind == "skill":
         return SkillReader(path)

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import SkillgraftError
 from ..io.outdir import MARKER, OutputDir, local_inputs
-from ..io.reader import CheckpointReader
+from ..io.reader import CheckpointReader, TensorIndex
 from ..io.resolve import resolve_checkpoint
 from ..mapping.plan import build_plan
 from ..report import write_json
@@ -43,7 +44,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 log = logging.getLogger("skillgraft")
 
 
-class ModuleView:
+class ModuleView(TensorIndex):
     """The reader interface over a model's parameters (no values): names, shapes, dtypes, config.
 
     Tied parameters are listed once, under their first name; ``aliases`` maps the others to it.
@@ -54,7 +55,8 @@ class ModuleView:
     def __init__(self, model: torch.nn.Module, root: Path):
         self.root = root
         self.config: dict[str, Any] = model.config.to_dict()
-        self._p: dict[str, torch.Tensor] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, torch.dtype] = {}
         self.aliases: dict[str, str] = {}
         first: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -62,23 +64,7 @@ class ModuleView:
                 self.aliases[name] = first[id(p)]
                 continue
             first[id(p)] = name
-            self._p[name] = p
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._p)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._p
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._p[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._p[name].dtype
-
-    def nbytes(self, name: str) -> int:
-        return math.prod(self.shape(name)) * self.dtype(name).itemsize
+            self._shape[name], self._dtype[name] = tuple(p.shape), p.dtype
 
     def get(self, name: str) -> torch.Tensor:
         raise RuntimeError("a module view holds no values")
@@ -91,7 +77,7 @@ class ModuleView:
 
 def meta_model(vlm_dir: Path) -> torch.nn.Module:
     """The VLM's transformers model (its ``architectures[0]`` class) on the meta device: names, no weights."""
-    import transformers
+    import transformers  # deferred: transformers, not loaded by a merge
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(vlm_dir))
@@ -278,8 +264,6 @@ def export_lora(
                    "modules_to_save": len(set(saved)), "ranks": dict(Counter(ranks.values())),
                    "lineage": opened.sources["skill"].get("lineage_distance"), "warnings": warnings + mplan.warnings,
                    "created_with": f"skillgraft {__version__}"}
-        from safetensors.torch import save_file
-
         with claim.stage() as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -30,12 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_SHARD_SIZE
-from ..engine import DTYPES, UNRELATED_DELTA
+from ..engine import DTYPES
 from ..errors import SkillgraftError
 from ..io.outdir import OutputDir, local_inputs
 from ..io.reader import CheckpointReader
 from ..io.resolve import resolve_checkpoint
 from ..io.writer import parse_size
+from ..mapping.checks import UNRELATED_DELTA
 from ..mapping.layout import EMBED, HEAD, layer_count, reference_shapes
 from ..mapping.plan import open_checkpoint
 from ..version import __version__

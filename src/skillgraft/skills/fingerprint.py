@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..engine import UNRELATED_DELTA
+from ..errors import SkillgraftError
+from ..mapping.checks import UNRELATED_DELTA
 from ..mapping.layout import EMBED, layer_count
 
 ROWS = 4  # rows per tensor
@@ -99,8 +100,6 @@ _NAME = re.compile(r"^[\w.\-]+$")
 
 def check_fingerprint(fp: Any, where: str) -> None:
     """Refuse a malformed fingerprint with a one-line message (``where`` names the skill)."""
-    from ..errors import SkillgraftError
-
     ok = isinstance(fp, dict) and isinstance(fp.get("tensors", {}), dict)
     if ok:
         for name, t in fp["tensors"].items():

@@ -9,6 +9,8 @@ from typing import Any
 from ..errors import SkillgraftError
 from .card import human_bytes, overall_error, settings_text
 from .detect import expert_kind
+from .lora import LoraReader
+from .reader import SkillReader
 
 
 def dir_bytes(path: Path) -> int:
@@ -18,9 +20,6 @@ def dir_bytes(path: Path) -> int:
 
 def skill_info(path: str | Path) -> dict[str, Any]:
     """A summary of a skill or PEFT LoRA adapter directory (opens and checks it; reads no values)."""
-    from .lora import LoraReader
-    from .reader import SkillReader
-
     p = Path(path)
     if not p.is_dir():
         raise SkillgraftError(f"skill directory not found: {p}")

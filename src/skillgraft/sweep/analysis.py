@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..methods import METHODS
 from ..recipe import Recipe
 from .objective import Objective
 from .space import Space
 from .store import Store, Trial
+from .worker import point_recipe
 
 ZONE_WITHIN = 0.9
 
@@ -86,8 +88,6 @@ def _total_scale(p: dict[str, Any]) -> float:
 
 def is_noop(res: Results, trial: Trial) -> bool:
     """True when the point merges nothing into the VLM: every expert's scale is 0."""
-    from .worker import point_recipe
-
     recipe = point_recipe(res.recipe, trial.params)
     return all(not any(e.scale) if isinstance(e.scale, list) else e.scale == 0 for e in recipe.experts)
 
@@ -184,8 +184,6 @@ def grid_step(values: list[float]) -> float | None:
 
 # ------------------------------------------------------------------------------ recommendation
 def recommended_recipe(res: Results, trial: Trial) -> Recipe:
-    from .worker import point_recipe
-
     return point_recipe(res.recipe, trial.params)
 
 
@@ -193,8 +191,6 @@ def inject_argv(recipe: Recipe, out: str = "OUT", recipe_file: str | None = None
     """``skillgraft inject ...`` that merges ``recipe``; positional form for one expert."""
     if len(recipe.experts) != 1 or recipe.exclude or recipe.vlm_weight != 1.0 or recipe.vlm_density != 1.0:
         return ["skillgraft", "inject", "--recipe", recipe_file or "recommended_recipe.yaml", "-o", out]
-    from ..methods import METHODS
-
     m = METHODS[recipe.method]
     e = recipe.experts[0]
     argv = ["skillgraft", "inject", recipe.vlm, e.model]

@@ -6,17 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..extras import pyplot
 from .analysis import Results, Zone, grid_step, interval, slice_of, zone
-
-
-def _plt():
-    from ..extras import require
-
-    matplotlib = require("matplotlib", "sweep plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _fixed_label(fixed: dict[str, Any]) -> str:
@@ -38,7 +31,7 @@ def scale_plot(res: Results, method: str, path: Path) -> Path | None:
     sk = res.scale_key
     if z is None or len(z.points) < 2:
         return None
-    plt = _plt()
+    plt = pyplot("sweep plots")
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
     xs = [float(t.params[sk]) for t in z.points]
     base = res.baseline.scores if res.baseline else {}
@@ -87,9 +80,7 @@ def heatmap(res: Results, method: str, path: Path) -> Path | None:
     ys = sorted({float(t.params[dk]) for t in trials})
     if len(xs) < 2 or len(ys) < 2:
         return None
-    import numpy as np
-
-    plt = _plt()
+    plt = pyplot("sweep plots")
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     grid = len(trials) >= 0.6 * len(xs) * len(ys)
     if grid:
@@ -134,7 +125,7 @@ def methods_plot(res: Results, path: Path, zones: dict[str, Zone | None] | None 
     zs = {m: z for m, z in zones.items() if z is not None and len(z.points) >= 2}
     if not zs:
         return None
-    plt = _plt()
+    plt = pyplot("sweep plots")
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
     span = max((float(t.params[sk]) for z in zs.values() for t in z.points), default=1.0) - \
         min((float(t.params[sk]) for z in zs.values() for t in z.points), default=0.0)

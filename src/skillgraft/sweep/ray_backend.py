@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import SkillgraftError
+from .worker import Worker
 
 
 class _WorkerActor:
     """A Ray actor process of the sweep's own: it sets its torch thread count to its CPU share."""
 
     def __init__(self, kwargs: dict[str, Any], threads: int):
-        import torch
-
-        from .worker import Worker
-
         torch.set_num_threads(threads)
         self.w = Worker(**kwargs)
 
@@ -33,7 +32,7 @@ class _WorkerActor:
 def connect(address: str | None) -> Any:
     """``ray`` connected to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``); reuses a live connection."""
     try:
-        import ray
+        import ray  # deferred: ray, an optional extra
     except ImportError:
         raise SkillgraftError("--ray-address needs the ray package: pip install 'skillgraft[ray]'") from None
     if not ray.is_initialized():
@@ -102,8 +101,6 @@ class LocalPool:
     backend = "local"
 
     def __init__(self, worker_kwargs: dict[str, Any]):
-        from .worker import Worker
-
         self.worker = Worker(**worker_kwargs)
         self.capacity = 1
         self.queue: list[tuple[str, dict[str, Any]]] = []

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..version import __version__
+from . import plots
 from .analysis import (
     Results,
     baseline_target,
@@ -75,8 +76,6 @@ def method_table(res: Results) -> list[dict[str, Any]]:
 
 def write_report(sweep_dir: str | Path) -> Path:
     """Write ``report.md``, the plots and ``recommended_recipe.yaml`` into ``sweep_dir``."""
-    from . import plots
-
     d = Path(sweep_dir)
     res = load_results(d)
     written: list[tuple[str, Path]] = []

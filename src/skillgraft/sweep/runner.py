@@ -19,13 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..version import __version__
 from ..errors import SkillgraftError
+from ..evaluate import make_evaluator
+from ..io.resolve import resolve
+from ..pipeline import recipe_with_absolute_paths
 from ..recipe import Recipe
+from ..version import __version__
 from .objective import Objective
+from .ray_backend import LocalPool, RayPool, connect
+from .report import write_report
 from .search import make_search
 from .space import Space, describe, point_key
 from .store import BASELINE, DB_NAME, Store
+from .worker import estimate_inplace_bytes
 
 
 @dataclass
@@ -61,9 +67,6 @@ class SweepResult:
 
 def _abs_recipe(recipe: Recipe) -> Recipe:
     """Local paths made absolute and hub inputs pinned to their commits (a resumed sweep keeps its models)."""
-    from ..pipeline import recipe_with_absolute_paths
-    from ..io.resolve import resolve
-
     resolved = {"vlm": resolve(recipe.vlm, "vlm")}  # fail early on a missing VLM
     resolved.update({f"expert {i}": resolve(e.model, "expert") for i, e in enumerate(recipe.experts)})
     if recipe.base is not None:
@@ -109,8 +112,6 @@ def _choose_inplace(cfg: SweepConfig, recipe: Recipe, evaluator: Any, say: Calla
         return False
     if cfg.inplace == "always" or cfg.ray_address:
         return True
-    from .worker import estimate_inplace_bytes
-
     need, avail = estimate_inplace_bytes(recipe, cfg.space.methods, cfg.allow_unmatched)
     if cfg.device == "cpu" and need > 0.8 * avail:
         say(f"in-place sweep needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free: merging each point to disk")
@@ -120,8 +121,6 @@ def _choose_inplace(cfg: SweepConfig, recipe: Recipe, evaluator: Any, say: Calla
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = print) -> SweepResult:
     """Run (or resume) the sweep into ``out_dir``; returns counts and the best point."""
-    from ..evaluate import make_evaluator
-
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -136,8 +135,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     if out.is_dir() and any(out.iterdir()) and not (out / "sweep.db").is_file():
         raise SkillgraftError(f"{out} is not empty and holds no sweep; choose another output directory")
     if cfg.ray_address:  # connect before anything is written: a missing Ray leaves no sweep directory behind
-        from .ray_backend import connect
-
         connect(cfg.ray_address)
     fresh = not out.exists()
     store = Store(out)
@@ -174,8 +171,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, log: Callable[[str], Non
     finally:
         store.close()
     if cfg.report:
-        from .report import write_report
-
         write_report(out)
     return SweepResult(out, computed, reused, failed, best.params if best else None,
                        "ray" if cfg.ray_address else ("in-place" if inplace else "streaming"),
@@ -203,8 +198,6 @@ def _loop(cfg: SweepConfig, store: Store, search: Any, worker_kwargs: dict[str, 
     def get_pool() -> Any:
         nonlocal pool
         if pool is None:
-            from .ray_backend import LocalPool, RayPool
-
             if cfg.ray_address:
                 pool = RayPool(cfg.ray_address, worker_kwargs, workers=cfg.ray_workers,
                                cpus_per_trial=cfg.ray_cpus_per_trial, gpus_per_trial=cfg.ray_gpus_per_trial)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
+from ..extras import require
+from ..methods import METHODS
 from .space import Dim, Space, canonical_point, point_key, rnd
 
 SEARCHES = ("grid", "random", "optuna")
 
 
 def _relevant(dim: Dim, method: str) -> bool:
-    from ..methods import METHODS
-
     m = METHODS[method]
     if dim.name.startswith("density"):
         return m.uses_density
@@ -129,8 +130,6 @@ class OptunaSearch(Search):
         if not budget:
             raise SkillgraftError("an optuna search needs a trial budget",
                                   cli="--search optuna needs --trials N")
-        from ..extras import require
-
         optuna = require("optuna", "the optuna search")
         super().__init__(space, budget, seed)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -145,8 +144,6 @@ class OptunaSearch(Search):
     def study(self) -> Any:
         """The study, created (or reopened) on first use: the sweep directory exists by then."""
         if self._study is None:
-            import warnings
-
             with warnings.catch_warnings():  # constraints_func is marked experimental by Optuna
                 warnings.simplefilter("ignore", self.optuna.exceptions.ExperimentalWarning)
                 sampler = self.optuna.samplers.TPESampler(

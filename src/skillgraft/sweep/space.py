@@ -21,7 +21,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from ..errors import SkillgraftError
+from ..methods import METHODS
 
 _DIGITS = 10
 INT_DIMS = ("seed",)
@@ -131,8 +134,6 @@ def parse_vary(text: str, labels: list[str]) -> Dim:
                 f"range; use a coarser STEP, or a continuous range {name}={lo:g}:{hi:g} with --search random/optuna"
             )
     else:
-        import yaml
-
         raw = [yaml.safe_load(v.strip()) for v in spec.split(",") if v.strip()]
         if name.startswith("param."):
             vals = tuple(rnd(v) if isinstance(v, float) else v for v in raw)
@@ -182,8 +183,6 @@ class Space:
 
 
 def build_space(methods: list[str], varies: list[str], labels: list[str]) -> Space:
-    from ..methods import METHODS
-
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SkillgraftError(f"unknown method {bad[0]!r}; choose from {', '.join(sorted(METHODS))}")
@@ -197,8 +196,6 @@ def build_space(methods: list[str], varies: list[str], labels: list[str]) -> Spa
 
 def canonical_point(point: dict[str, Any]) -> dict[str, Any]:
     """The canonical form of a point: floats rounded, settings the method ignores removed."""
-    from ..methods import METHODS
-
     m = METHODS[point["method"]]
     known = {p.name for p in m.params}
     out: dict[str, Any] = {}

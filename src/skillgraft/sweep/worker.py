@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkillgraftError
+from ..evaluate import make_evaluator
+from ..extras import require
 from ..io.resolve import resolve_checkpoint
+from ..methods import METHODS
+from ..pipeline import inject, prepare
 from ..recipe import Recipe
+from .inplace import InPlaceModel
 from .space import canonical_point
 
 
 def point_recipe(base: Recipe, point: dict[str, Any]) -> Recipe:
     """The recipe that merges ``point``: the sweep's fixed settings overlaid with the point's."""
-    from ..methods import METHODS
-
     p = canonical_point(point)
     m = METHODS[p["method"]]
     known = {x.name for x in m.params}
@@ -42,9 +45,6 @@ def point_recipe(base: Recipe, point: dict[str, Any]) -> Recipe:
 
 def estimate_inplace_bytes(recipe: Recipe, methods: list[str], allow_unmatched: bool = False) -> tuple[int, int]:
     """(bytes an in-place sweep needs, bytes available) for this VLM and these methods."""
-    from ..extras import require
-    from ..pipeline import prepare
-
     psutil = require("psutil", "an in-place sweep")
 
     cache_taus, probe = _cache_mode(recipe, methods)
@@ -68,8 +68,6 @@ def estimate_inplace_bytes(recipe: Recipe, methods: list[str], allow_unmatched: 
 
 def _cache_mode(recipe: Recipe, methods: list[str]) -> tuple[bool, str]:
     """(cache task vectors only?, a method whose plan covers every swept method)."""
-    from ..methods import METHODS
-
     ms = [METHODS[m] for m in methods]
     deltas = [m for m in ms if m.kind == "delta"]
     cache_taus = recipe.mode == "inject" and all(m.kind == "delta" for m in ms)
@@ -82,8 +80,6 @@ class Worker:
 
     def __init__(self, recipe: dict[str, Any], evaluator: dict[str, Any], *, inplace: bool, methods: list[str],
                  device: str = "cpu", allow_unmatched: bool = False):
-        from ..evaluate import make_evaluator
-
         self.recipe = Recipe.model_validate(recipe)
         self.evaluator = make_evaluator(evaluator)
         self.inplace = inplace
@@ -102,9 +98,6 @@ class Worker:
     def _ensure_loaded(self) -> None:
         if self.ip is not None:
             return
-        from ..pipeline import prepare
-        from .inplace import InPlaceModel
-
         t0 = time.perf_counter()
         self.model, self.processor = self.evaluator.load(resolve_checkpoint(self.recipe.vlm, "vlm"))
         t1 = time.perf_counter()
@@ -116,8 +109,6 @@ class Worker:
         self.setup = {"load_s": t1 - t0, "cache_s": time.perf_counter() - t1}
 
     def _settings(self, recipe: Recipe):
-        from ..pipeline import prepare
-
         with ExitStack() as stack:
             prep = prepare(recipe, stack, allow_unmatched=self.allow_unmatched)
             rows = {e.name: e.rows for e in prep.plan.entries}
@@ -161,8 +152,6 @@ class Worker:
         return _as_floats(scores), {"apply_s": t1 - t0, "eval_s": t2 - t1, "restore_s": t3 - t2, "total_s": t3 - t0}
 
     def _run_streaming(self, recipe: Recipe) -> tuple[dict[str, float], dict[str, float]]:
-        from ..pipeline import inject
-
         tmp = Path(tempfile.mkdtemp(prefix="skillgraft-sweep-"))
         try:
             t0 = time.perf_counter()

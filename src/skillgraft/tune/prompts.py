@@ -56,7 +56,7 @@ def _limit(probes: list[Probe], path: Path, limit: int | None) -> list[Probe]:
 
 def read_image_prompts(path: str | Path, limit: int | None = None) -> list[Probe]:
     """``{"image", "prompt"}`` records; every image must exist and open as a picture."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # deferred: PIL, an optional extra
 
     path = Path(path)
     out: list[Probe] = []

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..extras import pyplot
 from ..recipe import Recipe
 from ..report import write_json
 from ..version import __version__
@@ -60,11 +61,7 @@ Reproduce the weights: `skillgraft inject --recipe skillgraft_recipe.yaml -o OUT
 
 
 def plot_curve(cands: list[Candidate], chosen: Candidate, min_retention: float, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("tune plots")
     g = sorted((c for c in cands if len(c.scales) == 1), key=lambda c: c.scale)
     fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=100)
     ax.plot([c.scale for c in g], [c.retention for c in g], "o-", ms=3, label="est. retention")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..defaults import DEFAULT_SHARD_SIZE
 from ..errors import SkillgraftError
 from ..evaluate import load_model
+from ..evaluate.base import load_processor
 from ..io.outdir import OutputDir
 from ..mapping.checks import unrelated_weights_check
 from ..pipeline import check_device, inject, input_paths, prepare
@@ -248,8 +249,6 @@ def tune(recipe: Recipe, image_prompts: str | Path, text_prompts: str | Path, ou
 
 
 def _processor(path: Path) -> Any:
-    from ..evaluate.base import load_processor
-
     proc = load_processor(path)
     if proc is None:
         raise SkillgraftError(f"{path}: no processor or tokenizer files; tune needs the VLM's processor")

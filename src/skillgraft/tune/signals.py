@@ -72,7 +72,7 @@ class Score:
 
 
 def _encode(processor: Any, probes: list[Probe], raw: bool) -> dict[str, torch.Tensor]:
-    from PIL import Image
+    from PIL import Image  # deferred: PIL, an optional extra
 
     tok = tokenizer_of(processor)
     texts = [render(processor, p, raw=raw) for p in probes]
