@@ -566,3 +566,25 @@ def test_heap_guard_releases_only_past_its_limit_and_after_growth(monkeypatch):
     guard()
     assert released == [1200, 1260] and guard.releases == 2
 
+
+
+def test_cli_dry_run_plans_the_budget_the_run_uses(llava_triple, tmp_path, capsys, monkeypatch):
+    """--dry-run sizes blocks for the merge workers the real run uses, so what it accepts the run accepts."""
+    from skillgraft import pipeline
+    from skillgraft.cli import main
+
+    calls = []
+    real = pipeline.plan_budget
+
+    def recording(plan, settings, max_memory=None, workers=1):
+        calls.append((max_memory, workers))
+        return real(plan, settings, max_memory, workers)
+
+    monkeypatch.setattr(pipeline, "plan_budget", recording)
+    t = llava_triple
+    args = ["inject", str(t.vlm), str(t.expert), "--base", str(t.base), "--method", "ties", "--density", "0.5",
+            "--max-memory", "2GB"]
+    assert main([*args, "--dry-run"]) == 0
+    assert main([*args, "-o", str(tmp_path / "o")]) == 0
+    assert len(calls) == 2 and calls[0] == calls[1], calls
+    assert f"({calls[0][1]} merged at once)" in capsys.readouterr().out

@@ -213,16 +213,19 @@ def plan_only(recipe: Recipe, *, allow_unmatched: bool = False, out: str | Path 
         return prep.plan
 
 
-def memory_notes(recipe: Recipe, *, allow_unmatched: bool = False, max_memory: int | None = None) -> list[str]:
+def memory_notes(recipe: Recipe, *, allow_unmatched: bool = False, max_memory: int | None = None,
+                 workers: int = 1) -> list[str]:
     """How the merge will use memory (for ``--dry-run``): the budget, block size, matrices held whole
-    for an SVD, tensors read more than once. SkillgraftError if the budget cannot be met. No weight is read."""
+    for an SVD, tensors read more than once, planned for ``workers`` as ``inject`` would run them.
+    SkillgraftError if the budget cannot be met. No weight is read."""
     recipe = validated(recipe)
     with ExitStack() as stack:
         prep = prepare(recipe, stack, allow_unmatched=allow_unmatched)
-        budget = plan_budget(prep.plan, prep.settings, max_memory)
+        budget = plan_budget(prep.plan, prep.settings, max_memory, workers)
         lines = describe_plan(prep.plan, prep.settings)
     lines.insert(0, f"memory: at most {budget.max_memory / 2**30:.2f} GiB; row blocks of up to "
-                    f"{budget.block_entries:,} entries, {budget.ahead / 2**20:.0f} MiB read ahead")
+                    f"{budget.block_entries:,} entries ({workers} merged at once), "
+                    f"{budget.ahead / 2**20:.0f} MiB read ahead")
     return lines
 
 

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         for w in plan.warnings:
             warn(w)
         print(plan_table(plan))
-        print("\n".join(memory_notes(recipe, allow_unmatched=args.allow_unmatched, max_memory=max_memory)))
+        print("\n".join(memory_notes(recipe, allow_unmatched=args.allow_unmatched, max_memory=max_memory,
+                                      workers=getattr(args, "workers", 1))))
         return 0
     if not args.out:
         raise SkillgraftError("give an output directory with -o OUT")
