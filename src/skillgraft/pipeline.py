@@ -19,7 +19,7 @@ import torch
 from .engine import MergeSettings, describe_plan, output_specs, plan_budget, run
 from .defaults import DEFAULT_SHARD_SIZE
 from .errors import SkillgraftError
-from .io.outdir import OutputDir, check_output_dir, copy_side_files
+from .io.outdir import OutputDir, check_output_dir, copy_side_files, local_inputs
 from .io.reader import CheckpointReader
 from .io.resolve import Resolved, resolve
 from .io.writer import ShardedWriter, parse_size
@@ -88,8 +88,7 @@ def input_paths(recipe: Recipe, protect: Any = ()) -> list[tuple[str, Path]]:
     refs = [("VLM", recipe.vlm), *(("expert", e.model) for e in recipe.experts)]
     if recipe.base is not None:
         refs.append(("base", recipe.base))
-    out = [(role, Path(ref).expanduser()) for role, ref in refs if Path(ref).expanduser().exists()]
-    return out + [("recipe file", Path(p)) for p in protect]
+    return local_inputs(refs) + [("recipe file", Path(p)) for p in protect]
 
 
 def _settings(recipe: Recipe, deltas_only: bool = False) -> tuple[MergeSettings, list[str]]:
