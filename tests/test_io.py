@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from skillgraft.errors import SkillgraftError
-from skillgraft.io.outdir import atomic_output_dir, check_output_dir, foreign_entries, skillgraft_files
+from skillgraft.io.outdir import OutputDir, check_output_dir, foreign_entries, skillgraft_files
 from skillgraft.io.reader import CheckpointReader
 from skillgraft.io.safetensors_header import DTYPE_BITS, header_length, parse
 from skillgraft.io.resolve import resolve_checkpoint
@@ -129,10 +129,10 @@ def test_parse_size():
         parse_size("lots")
 
 
-def test_atomic_output_dir_cleans_up_on_failure(tmp_path):
+def test_output_dir_cleans_up_on_failure(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_output_dir(out, force=False) as tmp:
+        with OutputDir(out, force=False) as target, target.stage() as tmp:
             (tmp / "model.safetensors").write_bytes(b"half")
             raise KeyboardInterrupt
     assert not out.exists()

@@ -91,7 +91,7 @@ def foreign_entries(out: Path) -> list[str] | None:
     return sorted(p.name for p in out.iterdir() if p.name not in owned or p.is_symlink() or not p.is_file())
 
 
-def local_inputs(refs: Iterable[tuple[str, "str | Path"]]) -> list[tuple[str, Path]]:
+def local_inputs(refs: Iterable[tuple[str, str | Path]]) -> list[tuple[str, Path]]:
     """The (role, reference) pairs that name local paths; a hub id is checked once resolved (``check_inputs``)."""
     return [(role, Path(ref).expanduser()) for role, ref in refs if Path(ref).expanduser().exists()]
 
@@ -312,14 +312,6 @@ class OutputDir:
             if not cand.exists() and not cand.is_symlink():
                 return cand
         raise SkillgraftError(f"no free name beside {self.requested} to keep the result in")
-
-
-@contextmanager
-def atomic_output_dir(out: str | Path, force: bool, *, inputs: Inputs = (),
-                      log: Callable[[str], None] | None = None) -> Iterator[Path]:
-    """Claim ``out`` (see :class:`OutputDir`) and yield a temporary directory that becomes ``out`` on success."""
-    with OutputDir(out, force, inputs=inputs, log=log) as target, target.stage() as tmp:
-        yield tmp
 
 
 def copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[dict[str, str]]]:
