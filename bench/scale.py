@@ -215,34 +215,41 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Wall time and peak RSS against checkpoint size: a colour per method, a line style per tool."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
-    series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[tuple[str, str], dict[float, tuple[float, float]]] = {}
     for r in rows:
         if r["ok"] and r["tool"] in ("skillgraft", "mergekit", "floor (LLM)"):
             tool = "floor" if r["tool"].startswith("floor") else r["tool"]
-            series.setdefault((tool, r["method"]), []).append((r["params_b"], r["wall_s"], r["peak_rss_gib"]))
+            by = series.setdefault((tool, r["method"]), {})
+            w, m = by.get(r["params_b"], (r["wall_s"], r["peak_rss_gib"]))
+            by[r["params_b"]] = (min(w, r["wall_s"]), max(m, r["peak_rss_gib"]))
+    colours = {"ta": "tab:blue", "ties": "tab:red", "dare_ties": "tab:green", "dare": "tab:purple",
+               "buffered": "tab:gray", "direct": "black"}
     styles = {"skillgraft": "-", "mergekit": "--", "floor": ":"}
-    for (tool, method), pts in sorted(series.items()):
-        by: dict[float, tuple[float, float]] = {}
-        for p, w, m in pts:
-            by[p] = (min(w, by.get(p, (w, m))[0]), max(m, by.get(p, (w, m))[1]))
+    for (tool, method), by in sorted(series.items()):
         xs = sorted(by)
         label = f"I/O floor ({method})" if tool == "floor" else f"{tool} {method}"
-        ax_t.plot(xs, [by[x][0] for x in xs], styles[tool], marker="o", label=label)
+        kw = dict(ls=styles[tool], marker="o", color=colours.get(method), label=label)
+        ax_t.plot(xs, [by[x][0] for x in xs], **kw)
         if tool != "floor":
-            ax_m.plot(xs, [by[x][1] for x in xs], styles[tool], marker="o", label=label)
+            ax_m.plot(xs, [by[x][1] for x in xs], **kw)
+    sizes = {r["params_b"]: r["size"] for r in rows}
     for ax, ylab in ((ax_t, "wall time (s)"), (ax_m, "peak RSS (GiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("parameters per checkpoint (B)")
+        ax.set_xticks(sorted(sizes), [f"{sizes[x]}\n({x:.2f}B)" for x in sorted(sizes)])
+        ax.minorticks_off()
+        ax.set_xlabel("synthetic triple (parameters per checkpoint)")
         ax.set_ylabel(ylab)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3, which="major")
     ax_t.legend(fontsize=7)
+    ax_m.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -259,7 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--library", action="store_true", help="also run each skillgraft merge through the Python API")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--from-json", type=Path, help="print the table and draw the plot of a previous --json; run nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())["rows"]
+        print(table(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
     args.mergekit_methods = {"72b": args.mergekit_72b}
     mk = None if args.skip_mergekit else find_mergekit(args.mergekit)
     if not args.skip_mergekit and mk is None:

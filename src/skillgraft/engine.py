@@ -343,15 +343,16 @@ class _Randoms:
         return self.streams
 
 
-def _check_finite(job: Job, inp: Inputs, merged: torch.Tensor, out: torch.Tensor,
-                  where: Callable[[str, int], str]) -> None:
-    """Refuse a block whose result ``out`` (``merged`` cast to the output dtype) holds NaN or Inf: one
-    float32 sum of ``out`` per block (finite only if every entry is); only if it is not, the exact
-    look (a sum may overflow from finite entries) and the search for the culprit among the inputs."""
-    if merged.numel() == 0 or bool(torch.isfinite(out.sum(dtype=torch.float32))):
+def _check_finite(job: Job, inp: Inputs, merged: torch.Tensor, where: Callable[[str, int], str]) -> None:
+    """Refuse a block whose float32 result ``merged`` holds NaN or Inf, or overflows the output dtype.
+
+    The block's smallest and largest values (one ``aminmax`` pass, which NaN propagates to) decide
+    both exactly: casting is monotonic, so every value fits the output dtype when the two ends do.
+    Only a failing block is looked at further, to name the input that holds the culprit.
+    """
+    if merged.numel() == 0:
         return
-    lo, hi = torch.aminmax(merged)
-    ends = torch.stack([lo, hi])
+    ends = torch.stack(torch.aminmax(merged))
     if bool(torch.isfinite(ends.to(job.out_dtype)).all()):
         return
     name = job.entry.name
@@ -409,9 +410,8 @@ def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write) -> None:
 def _apply_and_check(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: slice, device: torch.device,
                      where: Callable[[str, int], str], index: int) -> tuple[torch.Tensor, Norms]:
     merged, part = _apply_block(job, inp, s, streams, blk, device, index)
-    out = merged.to(job.out_dtype)
-    _check_finite(job, inp, merged, out, where)
-    return out, part
+    _check_finite(job, inp, merged, where)
+    return merged.to(job.out_dtype), part
 
 
 def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, device: torch.device, write: Write,
