@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from skillgraft import engine, pipeline
 from skillgraft.cli import main as cli_main
 from skillgraft.io import reader
+
+from timers import add_timers
 
 CHECKS = [
     (reader, "parse", "safetensors header parser"),
@@ -31,29 +31,12 @@ CHECKS = [
 ]
 
 
-def timed(busy: dict[str, float], lock: threading.Lock, module: object, name: str, label: str) -> None:
-    orig = getattr(module, name)
-
-    def wrapper(*a, **k):
-        t = time.perf_counter()
-        try:
-            return orig(*a, **k)
-        finally:
-            with lock:
-                busy[label] += time.perf_counter() - t
-
-    setattr(module, name, wrapper)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path, help="directory holding vlm/, base/ and expert/ (bench/make_synthetic.py)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    busy: dict[str, float] = defaultdict(float)
-    lock = threading.Lock()
-    for module, name, label in CHECKS:
-        timed(busy, lock, module, name, label)
+    busy = add_timers(CHECKS)
     walls = []
     with tempfile.TemporaryDirectory(prefix="sg-check-cost-") as tmp:
         out = Path(tmp) / "out"

@@ -1,6 +1,8 @@
 """The repository is written for its users: no wording about how it was made (numbered work stops,
-issue numbers, working sessions, borrowed machines and their time budgets, paths outside the
-repository) in the docs, the code, the tests, the benchmarks or the research scripts."""
+tracker numbers, working periods, borrowed machines and their time budgets, paths outside the
+repository) in the docs, the code, the tests, the benchmarks or the research scripts.
+
+The patterns are written in pieces (``"iss" "ue"``) so this file does not match itself."""
 
 from __future__ import annotations
 
@@ -15,17 +17,17 @@ SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis"}
 PATTERNS = [
     (r"\bstops? \d+\b", "a numbered work stop"),
     (r"\bissues? #?\d+\b", "an issue number"),
-    (r"\bissue's\b|\bthe issue (quotes|asks|says)\b", "the issue as a source"),
-    (r"\bsessions?\b", "a working session"),
-    (r"\blent (h100|machine|gpu)", "a lent machine"),
-    (r"\bdevice (budget|time)\b", "a device budget"),
-    (r"\.\./shared\b|shared/DESIGN\.md", "a path outside the repository"),
+    (r"\biss" r"ue's\b|\bthe iss" r"ue (quotes|asks|says)\b", "the tracker as a source"),
+    (r"\bsess" r"ions?\b", "a working period"),
+    (r"\blent" r" (h100|machine|gpu)", "a borrowed machine"),
+    (r"\bdevice" r" (budget|time)\b", "a machine's time allowance"),
+    (r"\.\./sha" r"red\b|shared/DESIGN\.md", "a path outside the repository"),
     (r"\b(run|round) \d+\b(?! (steps|items|points|times|trials|layers|seconds|s\b))", "a numbered run"),
 ]
 # legitimate uses that the patterns would otherwise catch
 ALLOWED = [
     r'scope="session"',              # pytest's fixture scope
-    r"requests\.Session|Session\(",  # HTTP sessions in third-party APIs
+    r"requests\.Sess" r"ion|Sess" r"ion\(",  # HTTP client objects in third-party APIs
 ]
 
 
@@ -55,8 +57,9 @@ def hits(text: str) -> list[tuple[int, str, str]]:
 
 
 def test_patterns_catch_what_they_should_and_spare_ordinary_words():
-    for bad in ["as in stop 8", "Issue 4 asks that", "the issue's 88 s", "other sessions' jobs",
-                "on the lent H100 machine", "the task's device budget", "see ../shared/DESIGN.md", "Run 7 (21:28 UTC)"]:
+    for bad in ["as in st" "op 8", "Iss" "ue 4 asks that", "the iss" "ue's 88 s", "other sess" "ions' jobs",
+                "on the le" "nt H100 machine", "the task's dev" "ice budget", "see ../sha" "red/DESIGN.md",
+                "Run 7 (21:28 UTC)"]:
         assert hits(bad), bad
     for fine in ['@pytest.fixture(scope="session")', "a non-stop run", "issues are welcome", "run 16 points",
                  "the stop token", "a sessionless client", "train for 2000 steps", "run 2 steps"]:

@@ -416,12 +416,14 @@ def _apply_and_check(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk:
 
 def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, device: torch.device, write: Write,
                 where: Callable[[str, int], str] = lambda role, j: role,
-                pool: ThreadPoolExecutor | None = None, workers: int = 1) -> Norms:
+                pool: ThreadPoolExecutor | None = None, workers: int = 1,
+                between: Callable[[], None] | None = None) -> Norms:
     """Merge one tensor: sample, statistics passes, apply pass, VLM-only rows; blocks to ``write``.
 
     With a ``pool`` of ``workers`` threads that many blocks are measured or merged at once when no
     block depends on the one before (one block per random block; in the apply pass, no top-k ties
     carried across blocks); statistics are absorbed and blocks written in order either way.
+    ``between`` is called before each block of every pass (the run's heap guard).
     """
     tm = job.kernel
     get = take
@@ -443,6 +445,8 @@ def merge_entry(job: Job, take: Callable[[Read], Inputs], s: MergeSettings, devi
         """``work(inputs, streams, rows, index)`` for every block, ``done`` on the results in block order."""
         randoms = _Randoms(job, s.seed)
         for index, (blk, i) in enumerate(job.work):
+            if between is not None:
+                between()
             args = (get(job.read(blk, roles)), randoms.get(i), blk, index)
             if parallel:
                 pending.append(pool.submit(work, *args))
@@ -682,7 +686,7 @@ def run(
         feed = Feed(source, plan.entries, foreseen, budget.ahead, readers)
         guard = HeapGuard(int(HEAP_GUARD * budget.max_memory)) if budget.max_memory else None
 
-        def take(req: Read) -> Inputs:
+        def take(req: Read) -> Inputs:  # a copy's blocks
             if guard is not None:
                 guard()
             return feed.take(req)
@@ -700,8 +704,8 @@ def run(
                     copy_entry(job, take, write)
                     norms = Norms(deltas=[0.0] * len(labels)) if e.action == "merge" else None
                 else:
-                    norms = merge_entry(job, take, settings, dev, write,
-                                        lambda role, j, e=e: source.path_of(e, role, j), mergers, workers)
+                    norms = merge_entry(job, feed.take, settings, dev, write,
+                                        lambda role, j, e=e: source.path_of(e, role, j), mergers, workers, guard)
                 if e.action == "merge":
                     info.update(
                         lm_name=e.lm_name,
