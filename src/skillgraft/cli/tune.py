@@ -15,6 +15,9 @@ from ..extras import require
 from .args import add_command, add_recipe_args, add_verbosity, recipe_from_args, show_progress, warn
 
 
+CONFIDENCE = 0.8413  # tune.objective.DEFAULT_CONFIDENCE (not imported: it would import torch before --help)
+
+
 def _range(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in text.split(":"))
@@ -39,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--groups", type=int, default=3, help="layer groups for --per-layer (default 3)")
     g.add_argument("--min-retention", type=float, default=0.95,
                    help="keep at least this estimated share of the VLM's own answers (default 0.95)")
+    g.add_argument("--confidence", type=float, default=CONFIDENCE, metavar="P",
+                   help="one-sided confidence that the retention clears --min-retention, from the estimate's "
+                        f"standard error over the image prompts (default {CONFIDENCE:g}; 0.5: the estimate itself)")
     g.add_argument("--max-prompts", type=int, help="use at most this many prompts of each file")
     g.add_argument("--max-new-tokens", type=int, default=16, help="answer length the teachers generate (default 16)")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     settings = TuneSettings(scale_range=args.range, budget=args.budget, per_layer=args.per_layer, groups=args.groups,
-                            min_retention=args.min_retention, max_new_tokens=args.max_new_tokens,
+                            min_retention=args.min_retention, confidence=args.confidence,
+                            max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, max_prompts=args.max_prompts, raw_prompts=args.raw_prompts)
     result = tune(recipe, args.image_prompts, args.text_prompts, args.out, settings=settings, device=args.device,
                   force=args.force, shard_size=args.shard_size, progress=show_progress(args),

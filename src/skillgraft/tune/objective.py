@@ -10,7 +10,16 @@ confidence ``c_i``), and a candidate keeps that weight only where its greedy ans
 If the VLM's confidence is calibrated, ``c_i`` is the chance its answer is right, so this is the
 expected share of its right answers that survive; an answer the candidate changes is counted as
 lost (a lower estimate: a changed answer is sometimes a fix). A candidate is *feasible* when the
-estimate is at least ``min_retention`` (default 0.95, the sweep's own retention bound).
+estimate clears ``min_retention`` (default 0.95, the sweep's own retention bound) with a margin for
+its sampling error: the N prompts are a sample of the VLM's use, and the estimate from them has a
+standard error ``se`` (a ratio estimator's, by the delta method, over the prompts)::
+
+    se = sqrt(N / (N - 1) * sum_i (c_i * (kept_i - retention))^2) / sum_i c_i
+
+A candidate is feasible when the one-sided lower confidence bound ``retention - z * se`` is at least
+``min_retention``, with ``z`` the normal quantile of ``confidence`` (default 0.8413: ``z = 1``, one
+standard error; 0.5: ``z = 0``, the estimate itself must clear the bound). The margin is data-dependent: it is small where the answers a candidate
+changes are few or ones the VLM was unsure of, large where it changes confident answers.
 
 *Uptake* is the share of the gap between the VLM and the expert that a candidate closes on the text
 prompts, in the negative log-likelihood of the expert's greedy answers (the expert as teacher)::
@@ -22,7 +31,9 @@ The pick is the feasible candidate with the most uptake (the smaller scale on a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -31,6 +42,12 @@ from ..errors import SkillgraftError
 from .signals import Score
 
 DEFAULT_MIN_RETENTION = 0.95
+DEFAULT_CONFIDENCE = 0.8413  # one standard error (z = 1.00)
+
+
+def z_of(confidence: float) -> float:
+    """The one-sided normal quantile of ``confidence`` (0.5 -> 0, 0.8413 -> 1, 0.95 -> 1.645)."""
+    return NormalDist().inv_cdf(confidence)
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,18 @@ class Reference:
         kept = (c[:n] * image.kept).sum() + c[n:].sum()
         return float(kept / c.sum().clamp(min=1e-12))
 
+    def retention_se(self, image: Score) -> float:
+        """The standard error of ``retention`` over the scored prompts (delta method for a ratio of
+        means): how far the estimate from these prompts may sit from its value over prompts like them."""
+        n = image.kept.shape[0]
+        if n < 2:
+            return 0.0
+        c = self.confidence[:n].double()
+        k = image.kept.double()
+        r = (c * k).sum() / c.sum().clamp(min=1e-12)
+        var = n / (n - 1) * (c * (k - r)).square().sum() / c.sum().clamp(min=1e-12).square()
+        return math.sqrt(float(var))
+
     def uptake(self, text: Score) -> float:
         return (self.vlm_text_nll - text.mean_nll) / (self.vlm_text_nll - self.expert_text_nll)
 
@@ -79,6 +108,8 @@ class Candidate:
     text_nll: float | None = None
     stage: str = ""
     seconds: float = 0.0
+    retention_se: float = 0.0          # standard error of the estimate over the image prompts
+    retention_lcb: float | None = None  # the lower bound the feasibility rule used (None: the estimate itself)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,14 +124,24 @@ class Candidate:
         return {**d, **self.extra}
 
 
+def lower_bound(ref: Reference, image: Score, z: float) -> float:
+    """The one-sided lower confidence bound ``retention - z * se`` of a complete score."""
+    return ref.retention(image) - z * ref.retention_se(image) if z else ref.retention(image)
+
+
 def candidate(scales: tuple[float, ...], ref: Reference, image: Score, text: Score | None, min_retention: float,
-              stage: str = "", seconds: float = 0.0) -> Candidate:
-    """A scored candidate; ``text`` may be None for one that fails the retention bound."""
+              stage: str = "", seconds: float = 0.0, z: float = 0.0) -> Candidate:
+    """A scored candidate; ``text`` may be None for one that fails the retention bound. Feasible: a
+    complete score whose lower bound ``retention - z * se`` is at least ``min_retention``."""
     r = ref.retention(image)
     partial = image.kept.shape[0] < ref.confidence.shape[0]
-    return Candidate(tuple(scales), r, ref.uptake(text) if text is not None else None, r >= min_retention and not partial,
-                     image.kept_rate, text.kept_rate if text is not None else None, image.mean_nll,
-                     text.mean_nll if text is not None else None, stage, seconds,
+    se = 0.0 if partial else ref.retention_se(image)
+    lcb = r - z * se
+    return Candidate(tuple(scales), r, ref.uptake(text) if text is not None else None,
+                     lcb >= min_retention and not partial, image.kept_rate,
+                     text.kept_rate if text is not None else None, image.mean_nll,
+                     text.mean_nll if text is not None else None, stage, seconds, se,
+                     None if partial or not z else lcb,
                      {"image_prompts_scored": image.kept.shape[0]} if partial else {})
 
 

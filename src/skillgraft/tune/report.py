@@ -11,7 +11,7 @@ from ..extras import pyplot
 from ..recipe import Recipe
 from ..report import write_json
 from ..version import __version__
-from .objective import Candidate, Reference
+from .objective import Candidate, Reference, z_of
 
 JSON_NAME = "skillgraft_tune.json"
 MD_NAME = "skillgraft_tune.md"
@@ -27,14 +27,18 @@ def _opt(x: float | None) -> str:
 
 
 def markdown(data: dict[str, Any], cands: list[Candidate], chosen: Candidate) -> str:
-    head = "| scale(s) | stage | est. retention | answers kept | uptake | expert answers matched | feasible |"
-    rows = [head, "|---|---|---|---|---|---|---|"]
+    head = "| scale(s) | stage | est. retention | std. error | answers kept | uptake | expert answers matched | feasible |"
+    rows = [head, "|---|---|---|---|---|---|---|---|"]
     for c in sorted(cands, key=lambda c: (len(c.scales), c.scales)):
         mark = " **(pick)**" if c is chosen else ""
-        ret = f"<= {c.retention:.3f}" if "image_prompts_scored" in c.extra else f"{c.retention:.3f}"
-        rows.append(f"| {_scales(c)}{mark} | {c.stage} | {ret} | {c.kept:.3f} | {_opt(c.uptake)} | "
-                    f"{_opt(c.expert_match)} | {'yes' if c.feasible else 'no'} |")
+        partial = "image_prompts_scored" in c.extra
+        ret = f"<= {c.retention:.3f}" if partial else f"{c.retention:.3f}"
+        rows.append(f"| {_scales(c)}{mark} | {c.stage} | {ret} | {'-' if partial else f'{c.retention_se:.3f}'} | "
+                    f"{c.kept:.3f} | {_opt(c.uptake)} | {_opt(c.expert_match)} | {'yes' if c.feasible else 'no'} |")
     s = data["search"]
+    o = data["objective"]
+    bound = (f"; its {100 * o['confidence']:g}% lower bound {chosen.retention_lcb:.3f} clears the minimum "
+             f"{o['min_retention']:g}" if chosen.retention_lcb is not None else f"; the minimum is {o['min_retention']:g}")
     scale = data["chosen"]["scale"]
     scale_text = f"{scale:g}" if isinstance(scale, float) else "per layer " + ",".join(f"{x:g}" for x in scale)
     return f"""# skillgraft tune
@@ -42,14 +46,16 @@ def markdown(data: dict[str, Any], cands: list[Candidate], chosen: Candidate) ->
 Chosen scale: **{scale_text}** (method {data['method']}), from {data['probes']['n_image']} image prompts
 and {data['probes']['n_text']} text prompts, no labels.
 
-- estimated retention of the VLM's own answers: {chosen.retention:.3f} (bound {data['objective']['min_retention']:g})
+- estimated retention of the VLM's own answers: {chosen.retention:.3f} +- {chosen.retention_se:.3f} (standard error){bound}
 - uptake of the expert's answers (share of the NLL gap closed): {chosen.uptake:.3f}
 - candidates scored: {len(cands)} (budget {s['budget']}{', per layer group too' if s['per_layer'] else ''}), scale range {s['range'][0]:g}:{s['range'][1]:g}
 - time: {data['seconds']['total_s']:.1f} s ({data['seconds']['setup_s']:.1f} s setup, {data['seconds']['search_s']:.1f} s search, {data['seconds']['inject_s']:.1f} s inject)
 
 Retention: the VLM's confidence-weighted share of its own greedy answers to the image prompts that a
-candidate leaves unchanged. Uptake: how far a candidate moves from the VLM towards the expert in the
-likelihood of the expert's greedy answers to the text prompts. The pick is the feasible candidate
+candidate leaves unchanged; a candidate is feasible when the estimate less {o['z']:.2f} standard errors
+over the prompts (a one-sided {100 * o['confidence']:g}% bound) is at least {o['min_retention']:g}. Uptake: how
+far a candidate moves from the VLM towards the expert in the likelihood of the expert's greedy answers
+to the text prompts. The pick is the feasible candidate
 with the most uptake. A candidate is scored only as far as needed: once its retention cannot reach the
 bound, the remaining image prompts are skipped ("<=": the bound it could still have reached, prompts
 not scored counted as kept) and its uptake is not measured ("-").
@@ -96,6 +102,9 @@ def write_outputs(out: Path, *, recipe: Recipe, chosen: Candidate, candidates: l
             "uptake": "(nll_VLM - nll_candidate) / (nll_VLM - nll_expert) per token of the expert's greedy "
                       "answers to the text prompts",
             "min_retention": settings.min_retention,
+            "confidence": settings.confidence,
+            "z": z_of(settings.confidence),
+            "feasible": "retention - z * se >= min_retention (se: the estimate's standard error over the prompts)",
             "pick": "the feasible candidate with the most uptake",
         },
         "probes": {**probes, "max_new_tokens": settings.max_new_tokens, "raw_prompts": settings.raw_prompts},

@@ -30,7 +30,7 @@ from ..pipeline import check_device, inject, input_paths, prepare
 from ..recipe import Recipe
 from ..skills.detect import expert_kind
 from ..sweep.inplace import InPlaceModel
-from .objective import DEFAULT_MIN_RETENTION, Candidate, Reference, best, candidate
+from .objective import DEFAULT_CONFIDENCE, DEFAULT_MIN_RETENTION, Candidate, Reference, best, candidate, lower_bound, z_of
 from .prompts import read_image_prompts, read_text_prompts, render, tokenizer_of
 from .report import write_outputs
 from .search import global_search, group_search
@@ -54,6 +54,7 @@ class TuneSettings:
     per_layer: bool = False
     groups: int = DEFAULT_GROUPS
     min_retention: float = DEFAULT_MIN_RETENTION
+    confidence: float = DEFAULT_CONFIDENCE  # one-sided level of the retention bound (0.5: the estimate)
     max_new_tokens: int = 16
     batch_size: int = 32
     max_prompts: int | None = None
@@ -69,6 +70,8 @@ class TuneSettings:
             raise SkillgraftError("per-layer tuning needs at least 2 layer groups")
         if not 0 < self.min_retention <= 1:
             raise SkillgraftError("the minimum retention must be in (0, 1]")
+        if not 0.5 <= self.confidence < 1:
+            raise SkillgraftError("the confidence of the retention bound must be in [0.5, 1)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise SkillgraftError("the answer length and the batch size must be at least 1")
 
@@ -153,18 +156,19 @@ def _setup(prep: Any, recipe: Recipe, images: list, texts: list, s: TuneSettings
 def _search(st: _Setup, prep: Any, s: TuneSettings, groups: list[list[int]], device: str, bar: Any,
             warn: Callable[[str], None]) -> tuple[Candidate, list[Candidate]]:
     n_layers = prep.plan.n_layers
+    z = z_of(s.confidence)
 
     def evaluate(scales: tuple[float, ...], stage: str) -> Candidate:
         t = time.perf_counter()
         st.ip.apply(dataclasses.replace(prep.settings, scales=[schedule_of(scales, groups, n_layers)]))
         try:  # a candidate is scored only as far as needed: uptake only where retention holds
             img = score(st.model, st.image_set, device, give_up=lambda part: st.ref.retention(part) < s.min_retention)
-            ok = st.ref.retention(img) >= s.min_retention
+            ok = img.kept.shape[0] == st.ref.confidence.shape[0] and lower_bound(st.ref, img, z) >= s.min_retention
             txt = score(st.model, st.text_set, device) if ok else None
         finally:
             st.ip.restore()
         bar.update(1)
-        return candidate(scales, st.ref, img, txt, s.min_retention, stage, time.perf_counter() - t)
+        return candidate(scales, st.ref, img, txt, s.min_retention, stage, time.perf_counter() - t, z)
 
     lo, hi = s.scale_range
     start = st.start if lo == 0 else evaluate((lo,), "grid")
@@ -172,7 +176,7 @@ def _search(st: _Setup, prep: Any, s: TuneSettings, groups: list[list[int]], dev
     chosen = best(cands)
     if chosen is None:
         raise SkillgraftError(f"no scale in {lo:g}:{hi:g} keeps the estimated retention at {s.min_retention:g}; "
-                              "lower the range's low end or the minimum retention")
+                              "lower the range's low end, the minimum retention or its confidence")
     if chosen.scale >= hi:
         warn(f"the pick is the top of the scale range ({hi:g}); a larger range may find more uptake")
     if s.per_layer and len(groups) > 1:
