@@ -60,12 +60,14 @@ def zoo(name: str) -> str:
     return str(zoo_path(name))
 
 
-def sg(*args: str) -> dict[str, Any]:
-    """Run ``skillgraft ARGS`` in a child process: its wall and CPU seconds and its output."""
+def sg(*args: str, threads: str | None = THREADS) -> dict[str, Any]:
+    """Run ``skillgraft ARGS`` in a child process (``threads``: its OMP_NUM_THREADS; None: the
+    machine's default): its wall and CPU seconds and its output."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     p = subprocess.run([sys.executable, "-m", "skillgraft", *args], capture_output=True, text=True, check=False,
-                       env={**os.environ, "OMP_NUM_THREADS": THREADS})
+                       env={**env, "OMP_NUM_THREADS": threads} if threads else env)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
@@ -195,16 +197,17 @@ def inspected(work: Path, expert: str) -> dict[str, Any]:
 
 
 def synthetic_speed(root: Path, work: Path) -> dict[str, Any]:
-    """inspect vs a TA inject on a synthetic ~1B-parameter triple (bench/make_synthetic.py)."""
+    """inspect vs a TA inject on a synthetic ~1B-parameter triple (bench/make_synthetic.py), each with
+    the machine's default threads (both then measure or merge one row block per core)."""
     if not (root / "expert" / "config.json").is_file():
         subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "make_synthetic.py"),
                         str(root)], check=True)
     runs = []
     for _ in range(2):
         a = sg("inspect", str(root / "vlm"), str(root / "expert"), "--base", str(root / "base"), "--json",
-               str(work / "inspect-synthetic.json"), "-q")
+               str(work / "inspect-synthetic.json"), "-q", threads=None)
         b = sg("inject", str(root / "vlm"), str(root / "expert"), "--base", str(root / "base"), "--method", "ta",
-               "-o", str(work / "inject-synthetic"), "--force", "-q")
+               "-o", str(work / "inject-synthetic"), "--force", "-q", threads=None)
         runs.append((a, b))
     import shutil
 
@@ -717,7 +720,7 @@ def report(R: dict[str, Any], out: Path) -> str:
     if R.get("synthetic"):
         sy = R["synthetic"]
         a, b = min(sy["inspect_wall_s"]), min(sy["inject_wall_s"])
-        lines.append(f"| synthetic ~1B triple (bench/make_synthetic.py, bf16) | {a:.1f} s ({min(sy['inspect_cpu_s']):.1f}) | "
+        lines.append(f"| synthetic ~1B triple (bench/make_synthetic.py, bf16; default threads) | {a:.1f} s ({min(sy['inspect_cpu_s']):.1f}) | "
                      f"{b:.1f} s ({min(sy['inject_cpu_s']):.1f}) | {a / b:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -160,34 +160,43 @@ def rank_rows(n_rows: int) -> torch.Tensor | None:
     return torch.linspace(0, n_rows - 1, RANK_ROWS).round().long().unique()
 
 
+def _block(v: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, blk: slice, threshold: float, stride: int,
+           rows: torch.Tensor | None, keep: bool) -> tuple[PairStats, torch.Tensor | None]:
+    """One row block's sums, and the expert's float32 delta on the block's rank rows when ``keep``."""
+    # fresh float32 copies, changed in place (never the reader's own buffer, which may be mapped)
+    vf, xf = v[blk].to(torch.float32, copy=True), x[blk].to(torch.float32, copy=True)
+    if b is None:  # no base: the expert's distance from the VLM, relative to the VLM
+        d, r = xf.sub_(vf).reshape(-1), vf.reshape(-1)
+        st = PairStats(n=d.numel(), ee=float(torch.dot(d, d)), bb=float(torch.dot(r, r)))
+        tau_e = xf
+    else:
+        bf = b[blk].float()
+        tau_v, tau_e = vf.sub_(bf), xf.sub_(bf)
+        st = block_stats(tau_v, tau_e, bf, threshold, stride)
+    if not keep:
+        return st, None
+    if rows is None:
+        return st, tau_e
+    return st, tau_e[rows[(rows >= blk.start) & (rows < blk.stop)] - blk.start]
+
+
 def entry_stats(v: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, threshold: float,
-                keep_expert_delta: bool = False) -> tuple[PairStats, torch.Tensor | None]:
-    """The sums of one tensor triple, block by block; with ``keep_expert_delta`` also the expert's
-    float32 delta on the rows its effective rank is measured on (``rank_rows``)."""
-    total = PairStats()
-    kept: list[torch.Tensor] = []
+                keep_expert_delta: bool = False, pool: ThreadPoolExecutor | None = None
+                ) -> tuple[PairStats, torch.Tensor | None]:
+    """The sums of one tensor triple, block by block (side by side in ``pool``'s threads, added up in
+    block order, so the result does not depend on them); with ``keep_expert_delta`` also the
+    expert's float32 delta on the rows its effective rank is measured on (``rank_rows``)."""
     n = 1
     for d in v.shape:
         n *= d
     stride = 1 if n <= SIGN_EXACT else SIGN_STRIDE
     rows = rank_rows(v.shape[0]) if keep_expert_delta and v.dim() > 0 else None
-    for blk in _row_blocks(tuple(v.shape)):
-        # fresh float32 copies, changed in place (never the reader's own buffer, which may be mapped)
-        vf, xf = v[blk].to(torch.float32, copy=True), x[blk].to(torch.float32, copy=True)
-        if b is None:  # no base: the expert's distance from the VLM, relative to the VLM
-            d, r = xf.sub_(vf).reshape(-1), vf.reshape(-1)
-            total += PairStats(n=d.numel(), ee=float(torch.dot(d, d)), bb=float(torch.dot(r, r)))
-            tau_e = xf
-        else:
-            bf = b[blk].float()
-            tau_v, tau_e = vf.sub_(bf), xf.sub_(bf)
-            total += block_stats(tau_v, tau_e, bf, threshold, stride)
-        if keep_expert_delta:
-            if rows is None:
-                kept.append(tau_e)
-            else:
-                mine = rows[(rows >= blk.start) & (rows < blk.stop)] - blk.start
-                kept.append(tau_e[mine])
+    args = [(v, x, b, blk, threshold, stride, rows, keep_expert_delta) for blk in _row_blocks(tuple(v.shape))]
+    parts = list(pool.map(lambda a: _block(*a), args)) if pool is not None and len(args) > 1 else [_block(*a) for a in args]
+    total = PairStats()
+    for st, _ in parts:
+        total += st
+    kept = [k for _, k in parts if k is not None]
     return total, (torch.cat(kept) if len(kept) > 1 else (kept[0] if kept else None))
 
 
@@ -221,8 +230,9 @@ def lineage(plan: Plan, total: PairStats, has_base: bool) -> dict[str, Any]:
 
 def inspect_pair(vlm: str | Path, expert: str | Path, base: str | Path | None = None, *,
                  threshold: float = DEFAULT_THRESHOLD, rank_samples: int = DEFAULT_RANK_SAMPLES,
-                 progress: bool = True, allow_unmatched: bool = False) -> Inspection:
-    """Stream the pair's language-model tensors once and gather the statistics of ``inspect``."""
+                 progress: bool = True, allow_unmatched: bool = False, workers: int = 1) -> Inspection:
+    """Stream the pair's language-model tensors once and gather the statistics of ``inspect``; ``workers``
+    row blocks are measured at once (the command line uses one per core, as ``inject`` does)."""
     if not threshold > 0:
         raise SkillgraftError("the non-negligible threshold must be a positive number")
     if rank_samples < 0:
@@ -247,23 +257,29 @@ def inspect_pair(vlm: str | Path, expert: str | Path, base: str | Path | None = 
         sampled = rank_sample(merged, rank_samples)
         groups: dict[Key, PairStats] = {}
         ranks: list[dict[str, Any]] = []
+        svds: list[Future | float] = []
         size = sum(plan.vlm.reader.nbytes(e.name) for e in merged)
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="inspecting", disable=not progress, leave=False)
-        with ThreadPoolExecutor(1, thread_name_prefix="sg-inspect-read") as pool:
+        with ThreadPoolExecutor(1, thread_name_prefix="sg-inspect-read") as pool, ThreadPoolExecutor(
+                max(1, workers), thread_name_prefix="sg-inspect") as blocks:
             nxt: Future | None = pool.submit(_read, plan, merged[0], has_base) if merged else None
             for i, e in enumerate(merged):
                 v, x, b = nxt.result()
                 nxt = pool.submit(_read, plan, merged[i + 1], has_base) if i + 1 < len(merged) else None
-                st, delta = entry_stats(v, x, b, threshold, keep_expert_delta=e.name in sampled)
+                st, delta = entry_stats(v, x, b, threshold, keep_expert_delta=e.name in sampled,
+                                        pool=blocks if workers > 1 else None)
                 key = (lm_layer_index(e.lm_name or e.name), module_kind(e.lm_name or e.name))
                 groups.setdefault(key, PairStats())
                 groups[key] += st
-                if delta is not None:
-                    er = effective_rank(delta)
+                if delta is not None:  # its SVD runs beside the next tensors' statistics when workers allow
+                    svds.append(blocks.submit(effective_rank, delta) if workers > 1 else effective_rank(delta))
                     ranks.append({"tensor": e.lm_name, "shape": list(e.shape), "rows_measured": delta.shape[0],
-                                  "effective_rank": er, "ratio": er / min(delta.shape)})
+                                  "smaller_side": min(delta.shape)})
                 del v, x, b, delta
                 bar.update(plan.vlm.reader.nbytes(e.name))
+            for r, svd in zip(ranks, svds):
+                er = svd.result() if isinstance(svd, Future) else svd
+                r.update(effective_rank=er, ratio=er / r.pop("smaller_side"))
         bar.close()
         total = PairStats()
         for s in groups.values():

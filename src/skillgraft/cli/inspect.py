@@ -15,7 +15,7 @@ from .args import add_command, add_verbosity, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "inspect", run, __doc__)
+    p = add_command(sub, "inspect", run, __doc__, merges=True)
     p.add_argument("vlm", help="VLM checkpoint directory or hub id")
     p.add_argument("expert", help="expert LLM checkpoint directory or hub id")
     p.add_argument("--base", help="base LLM both derive from (without it: the expert's distance from the VLM)")
@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from ..api import inspect, inspect_json, inspect_plot, inspect_table  # deferred: torch, keeps --help fast
 
     ins = inspect(args.vlm, args.expert, args.base, threshold=args.threshold, rank_samples=args.rank_samples,
-                  progress=show_progress(args), allow_unmatched=args.allow_unmatched)
+                  progress=show_progress(args), allow_unmatched=args.allow_unmatched,
+                  workers=getattr(args, "workers", 1))
     print(inspect_table(ins))
     if args.json:
         print(f"wrote {inspect_json(ins, args.json)}")
