@@ -406,3 +406,34 @@ def test_hub_cache_links_into_blobs_are_followed(tmp_path):
     (outside / "model.safetensors").symlink_to(repo / "blobs" / "deadbeef")
     with pytest.raises(SkillgraftError, match="outside the checkpoint"):
         CheckpointReader(outside)
+
+
+def test_output_is_flushed_to_disk_before_it_is_published(tmp_path, monkeypatch):
+    """Every staged file and directory is fsync'ed before the rename that makes OUT visible, and OUT's
+    parent after it, so a power loss never leaves a published OUT with incomplete files."""
+    import os
+
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(a, b):
+        events.append(("rename", str(a), str(b)))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "out"
+    with OutputDir(out, force=False) as target, target.stage() as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+    publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out))
+    synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    staged = events[publish][1]
+    assert {f"{staged}/model.safetensors", f"{staged}/sub/config.json", f"{staged}/sub", staged} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[publish + 1:]
+    assert (out / "sub" / "config.json").read_text() == "{}"

@@ -272,10 +272,12 @@ class OutputDir:
         tmp.mkdir()
         try:
             yield tmp
+            _sync_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.final = self._commit(tmp)
+        _sync(self.out.parent)
 
     def _commit(self, tmp: Path) -> Path:
         o = self.out
@@ -312,6 +314,29 @@ class OutputDir:
             if not cand.exists() and not cand.is_symlink():
                 return cand
         raise SkillgraftError(f"no free name beside {self.requested} to keep the result in")
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to the disk; a file system that cannot is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file written under ``root`` and the directories that name them, so that the rename
+    that publishes ``root`` never exposes a directory whose files a power loss could leave incomplete."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            _sync(Path(dirpath) / f)
+        _sync(Path(dirpath))
 
 
 def copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[dict[str, str]]]:
