@@ -401,9 +401,13 @@ def _apply_block(job: Job, inp: Inputs, s: MergeSettings, streams: Any, blk: sli
 Write = Callable[[torch.Tensor], None]
 
 
-def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write) -> None:
-    """Stream the VLM's tensor to the output as it is (cast to the output dtype)."""
+def copy_entry(job: Job, take: Callable[[Read], Inputs], write: Write,
+               between: Callable[[], None] | None = None) -> None:
+    """Stream the VLM's tensor to the output as it is (cast to the output dtype); ``between`` is
+    called before each block (the run's heap guard)."""
     for blk, _ in job.work:
+        if between is not None:
+            between()
         write(take(job.read(blk, ("vlm",))).vlm.to(job.out_dtype))
 
 
@@ -685,12 +689,6 @@ def run(
         foreseen: Iterator[Read] = chain.from_iterable(j.requests() for j in jobs)
         feed = Feed(source, plan.entries, foreseen, budget.ahead, readers)
         guard = HeapGuard(int(HEAP_GUARD * budget.max_memory)) if budget.max_memory else None
-
-        def take(req: Read) -> Inputs:  # a copy's blocks
-            if guard is not None:
-                guard()
-            return feed.take(req)
-
         behind = _Behind(writer, writers, max(2 * budget.block_entries * 4, 64 * 2**20), bar)
         try:
             for job in jobs:
@@ -701,7 +699,7 @@ def run(
                     behind.put(name, block)
 
                 if job.kernel is None:
-                    copy_entry(job, take, write)
+                    copy_entry(job, feed.take, write, guard)
                     norms = Norms(deltas=[0.0] * len(labels)) if e.action == "merge" else None
                 else:
                     norms = merge_entry(job, feed.take, settings, dev, write,
