@@ -113,6 +113,11 @@ def test_inspect_equals_direct_computation(llava_triple, monkeypatch):
     monkeypatch.setattr(inspect_mod, "BLOCK_ELEMENTS", 64)
     small = inspect_pair(llava_triple.vlm, llava_triple.expert, llava_triple.base, progress=False, rank_samples=0)
     assert small.total().vv == pytest.approx(vv, rel=1e-5) and small.total().ve == pytest.approx(ve, rel=1e-4, abs=1e-6)
+    # blocks measured side by side give exactly the one-worker result (sums are added in block order)
+    ref = inspect_pair(llava_triple.vlm, llava_triple.expert, llava_triple.base, progress=False, rank_samples=3)
+    par = inspect_pair(llava_triple.vlm, llava_triple.expert, llava_triple.base, progress=False, rank_samples=3,
+                       workers=3)
+    assert par.to_dict()["groups"] == ref.to_dict()["groups"] and par.ranks == ref.ranks
 
 
 def test_inspect_without_base_measures_the_distance(llava_triple):
