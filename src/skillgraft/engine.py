@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SkillgraftError
+from .io.reader import holds_deltas
 from .io.writer import ShardedWriter, TensorSpec
 from .mapping.plan import Entry, Plan
 from .memory import HeapGuard, available_bytes, default_max_memory, rss_bytes
@@ -37,7 +38,7 @@ from .methods.params import at_layer
 from .methods.sparsify import sample_positions
 from .methods.topk import SAMPLE
 from .schedule import effective_weights, lm_layer_index, module_kind, value_at
-from .sources import Feed, FileSource, Inputs, MemorySource, Read, holds_deltas, sample_rows
+from .sources import Feed, FileSource, Inputs, MemorySource, Read, sample_rows
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANDOM_BLOCK = 1 << 22  # entries of a random block of row-local random methods (and the largest work block)

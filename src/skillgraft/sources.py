@@ -45,11 +45,6 @@ class Read:
     nbytes: int
 
 
-def holds_deltas(reader: Any) -> bool:
-    """True when a reader's tensors are task vectors already (a skill, a LoRA adapter): no base subtraction."""
-    return bool(getattr(reader, "holds_deltas", False))
-
-
 def read_rows(reader: Any, name: str, start: int, stop: int, direct: bool = False) -> Tensor:
     """Rows ``start:stop`` of tensor ``name`` in a fresh buffer; a 0-dim tensor is one row.
 

@@ -183,6 +183,12 @@ def _legacy_torch_file(f: Path) -> bool:
     return head[:1] == b"\x80" and _LEGACY_MAGIC in head
 
 
+def holds_deltas(reader: Any) -> bool:
+    """True when a reader's tensors are task vectors already (a skill, a LoRA adapter): no base
+    subtraction, and a tensor it lacks is a zero delta."""
+    return bool(getattr(reader, "holds_deltas", False))
+
+
 class TensorIndex:
     """The names, shapes and dtypes half of the reader interface, over ``_shape`` and ``_dtype``."""
 

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from ..errors import SkillgraftError
-from ..io.reader import CheckpointReader
+from ..io.reader import CheckpointReader, holds_deltas
 from .layout import EMBED, HEAD, LMLayout, detect_layout, layer_count, reference_shapes
 
 _VOCAB_TENSORS = (EMBED, HEAD)
@@ -123,7 +123,7 @@ def build_plan(
     vlm_layers = layer_count(vlm.rel)
     for ck in sources:
         n = layer_count(ck.rel)
-        if _holds_deltas(ck):  # a task vector may leave layers untouched; a skill records its base's depth
+        if holds_deltas(ck.reader):  # a task vector may leave layers untouched; a skill records its base's depth
             n = getattr(ck.reader, "n_layers", None) or (vlm_layers if n <= vlm_layers else n)
         if n != vlm_layers:
             raise SkillgraftError(
@@ -149,7 +149,7 @@ def build_plan(
             continue
         src = {ck.label: ck.source_for(rel) for ck in sources}
         missing = [lbl for lbl, s in src.items() if s is None]
-        if missing and all(_holds_deltas(ck) for ck in sources if ck.label in missing):
+        if missing and all(holds_deltas(ck.reader) for ck in sources if ck.label in missing):
             if len(missing) == len(sources):
                 entries.append(Entry(name, shape, dtype, "copy", "no expert changes it (task vectors leave it as is)", rel))
                 continue
@@ -193,11 +193,6 @@ def build_plan(
         if unused.get(label):
             warnings.append(f"{len(unused[label])} tensor(s) of {label} are not used by the merge: {', '.join(unused[label])}")
     return Plan(entries, vlm, base, experts, vlm_layers, unmatched, unused, warnings)
-
-
-def _holds_deltas(ck: Checkpoint) -> bool:
-    """A skill or LoRA adapter: its tensors are task vectors, missing ones are zero."""
-    return bool(getattr(ck.reader, "holds_deltas", False))
 
 
 def _overlap_rows(name: str, shape: tuple[int, ...], rel: str, others: dict[str, tuple[int, ...]]) -> int | None:

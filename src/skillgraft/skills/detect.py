@@ -33,10 +33,6 @@ def expert_kind(path: str | Path) -> ExpertKind:
     return "checkpoint"
 
 
-def holds_deltas(reader: Any) -> bool:
-    return bool(getattr(reader, "holds_deltas", False))
-
-
 def open_expert(path: str | Path, base: CheckpointReader | None = None) -> Any:
     """A reader for an EXPERT directory: a CheckpointReader, or a task-vector reader (``holds_deltas``).
 

@@ -18,7 +18,8 @@ from ..errors import SkillgraftError
 from ..io.reader import CheckpointReader
 from ..mapping.plan import Checkpoint
 from ..methods import Method
-from .detect import ThetaView, expert_kind, holds_deltas, open_expert
+from ..io.reader import holds_deltas
+from .detect import ThetaView, expert_kind, open_expert
 from .fingerprint import LINEAGE_LIMIT, lineage_distance
 from .naming import rel_name
 
